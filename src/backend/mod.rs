@@ -1,0 +1,1 @@
+//! Backends: where connections go once routed.

@@ -1,0 +1,1 @@
+//! Per-connection state machine and credit flow control.

@@ -1,0 +1,3 @@
+//! The virtio-vsock device: transport contract, queues and packet codec.
+
+pub mod virtio;

@@ -1,0 +1,1 @@
+//! Routing of new connections.
