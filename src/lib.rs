@@ -10,3 +10,6 @@ pub mod backend;
 pub mod csm;
 pub mod device;
 pub mod router;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod sim;
+pub mod stats;

@@ -1,1 +1,6 @@
-//! Per-connection state machine and credit flow control.
+//! Per-connection state machine, credit flow control, and the connection table.
+
+pub mod connection;
+pub mod muxer;
+pub mod stream;
+pub mod txbuf;

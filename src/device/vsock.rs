@@ -1,0 +1,231 @@
+//! The vsock device as a transport sees it.
+
+use std::io;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+
+use super::virtio::{ActivateContext, ActivateError, FeatureError, VirtioDevice};
+use super::worker::{Control, ControlMsg, Worker, DEFAULT_BUDGET};
+use crate::backend::Backend;
+use crate::csm::connection::CsmConfig;
+use crate::csm::muxer::{ConnInfo, Muxer};
+use crate::stats::Counters;
+
+/// The virtio device ID of vsock.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+
+/// Queue size offered by default.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Default limit of live connections per device (Firecracker's).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1023;
+
+/// Settings of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Maximum size of each queue.
+    pub queue_size: u16,
+    /// Live connections allowed; more are refused with RST.
+    pub max_connections: usize,
+    /// Packets handled per queue per wake-up.
+    pub budget: usize,
+    /// Per-connection settings.
+    pub csm: CsmConfig,
+}
+
+impl DeviceConfig {
+    /// Defaults for the guest with CID `guest_cid`.
+    pub fn new(guest_cid: u64) -> Self {
+        DeviceConfig {
+            guest_cid,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            budget: DEFAULT_BUDGET,
+            csm: CsmConfig::default(),
+        }
+    }
+}
+
+struct Running<B: Backend> {
+    control: Arc<Control>,
+    thread: JoinHandle<io::Result<B>>,
+}
+
+/// A virtio-vsock device whose host side is the backend `B`.
+///
+/// Once activated, the device runs on its own thread (see [`super::worker`]); the transport
+/// keeps this object to read the config space and to reset it.
+pub struct VsockDevice<B: Backend + 'static> {
+    cfg: DeviceConfig,
+    queue_sizes: [u16; 3],
+    acked: u64,
+    backend: Option<B>,
+    running: Option<Running<B>>,
+    counters: Arc<Counters>,
+}
+
+impl<B: Backend + 'static> VsockDevice<B> {
+    /// A device for the guest `cfg.guest_cid`, serving its host side with `backend`.
+    pub fn new(cfg: DeviceConfig, backend: B) -> Self {
+        VsockDevice {
+            cfg,
+            queue_sizes: [cfg.queue_size; 3],
+            acked: 0,
+            backend: Some(backend),
+            running: None,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// A snapshot of the live connections (empty while the device is not running).
+    pub fn connections(&self) -> Vec<ConnInfo> {
+        let Some(r) = &self.running else {
+            return Vec::new();
+        };
+        let (tx, rx) = mpsc::channel();
+        if r.control.send(ControlMsg::Connections(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default()
+    }
+
+    /// Whether the device thread is running.
+    pub fn is_active(&self) -> bool {
+        self.running.is_some()
+    }
+
+    fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            let _ = r.control.send(ControlMsg::Stop);
+            match r.thread.join() {
+                Ok(Ok(backend)) => self.backend = Some(backend),
+                Ok(Err(e)) => log::error!("vsock device thread failed: {e}"),
+                Err(_) => log::error!("vsock device thread panicked"),
+            }
+        }
+    }
+}
+
+impl<B: Backend + 'static> Drop for VsockDevice<B> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn ack_features(&mut self, features: u64) -> Result<(), FeatureError> {
+        let unoffered = features & !self.avail_features();
+        if unoffered != 0 {
+            return Err(FeatureError::Unoffered(unoffered));
+        }
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(FeatureError::NoVersion1);
+        }
+        self.acked = features;
+        Ok(())
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let cid = self.cfg.guest_cid.to_le_bytes();
+        match (offset, data.len()) {
+            (0, 8) => data.copy_from_slice(&cid),
+            (0, 4) => data.copy_from_slice(&cid[..4]),
+            (4, 4) => data.copy_from_slice(&cid[4..]),
+            _ => {}
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        Counters::inc(&self.counters.config_writes);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.running.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if self.acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(ActivateError::FeaturesNotNegotiated);
+        }
+        if ctx.queues.len() != 3 || ctx.kicks.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                queues: ctx.queues.len(),
+                kicks: ctx.kicks.len(),
+            });
+        }
+        let mut queues = ctx.queues;
+        let event_idx = self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for (i, q) in queues.iter_mut().enumerate() {
+            if !q.is_valid(&ctx.mem) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+            q.set_event_idx(event_idx);
+        }
+        let backend = self.backend.take().ok_or(ActivateError::AlreadyActive)?;
+        let control = match Control::new() {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                self.backend = Some(backend);
+                return Err(ActivateError::Worker(e));
+            }
+        };
+        let worker = Worker {
+            mem: ctx.mem,
+            queues,
+            kicks: ctx.kicks,
+            interrupt: ctx.interrupt,
+            control: control.clone(),
+            muxer: Muxer::new(
+                self.cfg.guest_cid,
+                self.cfg.csm,
+                self.cfg.max_connections,
+                backend,
+                self.counters.clone(),
+            ),
+            counters: self.counters.clone(),
+            budget: self.cfg.budget.max(1),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vsock-{}", self.cfg.guest_cid))
+            .spawn(move || worker.run())
+            .map_err(ActivateError::Worker)?;
+        self.running = Some(Running { control, thread });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop();
+        self.acked = 0;
+        self.backend.is_some()
+    }
+}

@@ -1,0 +1,91 @@
+//! The guest side of one vsock socket, with Linux's credit accounting.
+
+use std::collections::VecDeque;
+
+use crate::device::packet::{shutdown, Header};
+
+/// State of a guest socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockState {
+    /// REQUEST sent, waiting for RESPONSE.
+    Connecting,
+    /// Connected.
+    Established,
+    /// We sent SHUTDOWN(RCV|SEND) and wait for the RST.
+    Closing,
+    /// Reset by the peer (or by us).
+    Reset,
+}
+
+/// A guest socket.
+#[derive(Debug)]
+pub struct SimSock {
+    /// Local (guest) port.
+    pub local_port: u32,
+    /// Peer CID.
+    pub peer_cid: u64,
+    /// Peer port.
+    pub peer_port: u32,
+    /// State.
+    pub state: SockState,
+    /// Our receive buffer size.
+    pub buf_alloc: u32,
+    /// Bytes our application consumed.
+    pub fwd_cnt: u32,
+    /// `fwd_cnt` as last told to the device.
+    pub last_fwd_sent: u32,
+    /// Received, not yet consumed.
+    pub rx: VecDeque<u8>,
+    /// Total bytes received.
+    pub rx_total: u64,
+    /// The device's receive buffer size.
+    pub peer_buf_alloc: u32,
+    /// The device's consumed count.
+    pub peer_fwd_cnt: u32,
+    /// Bytes we sent.
+    pub tx_cnt: u32,
+    /// Shutdown flags the device sent.
+    pub peer_shutdown: u32,
+    /// Shutdown flags we sent.
+    pub local_shutdown: u32,
+}
+
+impl SimSock {
+    /// A new socket in `Connecting` state.
+    pub fn new(local_port: u32, peer_cid: u64, peer_port: u32, buf_alloc: u32) -> Self {
+        SimSock {
+            local_port,
+            peer_cid,
+            peer_port,
+            state: SockState::Connecting,
+            buf_alloc,
+            fwd_cnt: 0,
+            last_fwd_sent: 0,
+            rx: VecDeque::new(),
+            rx_total: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            peer_shutdown: 0,
+            local_shutdown: 0,
+        }
+    }
+
+    /// Takes the device's credit from any packet.
+    pub fn update_credit(&mut self, h: &Header) {
+        self.peer_buf_alloc = h.buf_alloc;
+        self.peer_fwd_cnt = h.fwd_cnt;
+    }
+
+    /// Bytes we may still send.
+    pub fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Whether no more bytes will arrive (peer shut its sending side, or reset).
+    pub fn eof(&self) -> bool {
+        self.rx.is_empty()
+            && (self.peer_shutdown & shutdown::SEND != 0 || self.state == SockState::Reset)
+    }
+}
