@@ -154,6 +154,27 @@ impl Asm {
         self.bytes(&imm.to_le_bytes())
     }
 
+    /// `in al, port` (port <= 0xff).
+    pub fn in_al(&mut self, port: u8) -> &mut Self {
+        self.bytes(&[0xe4, port])
+    }
+
+    /// `test al, imm`.
+    pub fn test_al(&mut self, imm: u8) -> &mut Self {
+        self.bytes(&[0xa8, imm])
+    }
+
+    /// `mov ecx, imm`.
+    pub fn mov_ecx(&mut self, imm: u32) -> &mut Self {
+        self.bytes(&[0xb9]);
+        self.bytes(&imm.to_le_bytes())
+    }
+
+    /// `dec ecx`.
+    pub fn dec_ecx(&mut self) -> &mut Self {
+        self.bytes(&[0xff, 0xc9])
+    }
+
     /// `sti`.
     pub fn sti(&mut self) -> &mut Self {
         self.bytes(&[0xfb])
@@ -167,6 +188,11 @@ impl Asm {
     /// `hlt`.
     pub fn hlt(&mut self) -> &mut Self {
         self.bytes(&[0xf4])
+    }
+
+    /// `int3`.
+    pub fn int3(&mut self) -> &mut Self {
+        self.bytes(&[0xcc])
     }
 
     /// `pause`.
@@ -193,21 +219,21 @@ impl Asm {
         l
     }
 
-    /// `jcc rel8 label`.
+    /// `jcc rel32 label`.
     pub fn jcc(&mut self, cond: Cond, label: Label) -> &mut Self {
-        self.bytes(&[0x70 | cond as u8, 0]);
-        self.fixups.push((self.code.len() - 1, label));
+        self.bytes(&[0x0f, 0x80 | cond as u8, 0, 0, 0, 0]);
+        self.fixups.push((self.code.len() - 4, label));
         self
     }
 
-    /// `jmp rel8 label`.
+    /// `jmp rel32 label`.
     pub fn jmp(&mut self, label: Label) -> &mut Self {
-        self.bytes(&[0xeb, 0]);
-        self.fixups.push((self.code.len() - 1, label));
+        self.bytes(&[0xe9, 0, 0, 0, 0]);
+        self.fixups.push((self.code.len() - 4, label));
         self
     }
 
-    /// `hlt; jmp $-1` forever: parks the vCPU without exiting to userspace.
+    /// `hlt; jmp` back to it, forever: parks the vCPU without exiting to userspace.
     pub fn park(&mut self) -> &mut Self {
         let top = self.here();
         self.hlt().jmp(top)
@@ -216,13 +242,12 @@ impl Asm {
     /// The machine code, with jumps resolved.
     ///
     /// # Panics
-    /// On an unbound label or a jump farther than a rel8 reaches.
+    /// On an unbound label.
     pub fn finish(mut self) -> Vec<u8> {
         for &(at, label) in &self.fixups {
             let target = self.labels[label.0].expect("unbound label");
-            let rel = target as isize - (at as isize + 1);
-            let rel = i8::try_from(rel).expect("jump out of rel8 range");
-            self.code[at] = rel as u8;
+            let rel = (target as i64 - (at as i64 + 4)) as i32;
+            self.code[at..at + 4].copy_from_slice(&rel.to_le_bytes());
         }
         self.code
     }
@@ -267,6 +292,9 @@ mod tests {
         let fwd = a.label();
         let back = a.here();
         a.jcc(Cond::Ne, fwd).jmp(back).bind(fwd).hlt();
-        assert_eq!(a.finish(), [0x75, 0x02, 0xeb, 0xfc, 0xf4]);
+        assert_eq!(
+            a.finish(),
+            [0x0f, 0x85, 5, 0, 0, 0, 0xe9, 0xf5, 0xff, 0xff, 0xff, 0xf4]
+        );
     }
 }
