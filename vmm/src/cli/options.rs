@@ -91,7 +91,7 @@ impl OptionParser {
         }
         for item in input.split(',') {
             let (key, value) = match item.split_once('=') {
-                Some((key, _)) if key.is_empty() => return Err(self.malformed(item)),
+                Some(("", _)) => return Err(self.malformed(item)),
                 Some((key, value)) if self.keys.contains(&key) => (key, value),
                 Some((key, _)) => return Err(self.unknown(key)),
                 None if self.flags.contains(&item) => (item, ""),
