@@ -422,3 +422,23 @@ fn vsock_endpoints_end_to_end() {
     assert_eq!(exit_of(&mut vmm).0, 0);
     assert!(!vmm.api.exists());
 }
+
+/// A guest that faults with no usable IDT: real KVM triple-faults (KVM_EXIT_SHUTDOWN, exit 0,
+/// as with `reboot=t`); kvm_pvm cannot emulate the event delivery and reports
+/// KVM_EXIT_INTERNAL_ERROR, which must end the VMM with status 1 and the reason on stderr.
+#[test]
+fn guest_fault_ends_with_shutdown_or_a_reported_kvm_error() {
+    if !kvm_available("guest_fault_ends_with_shutdown_or_a_reported_kvm_error") {
+        return;
+    }
+    let scratch = Scratch::new("fault");
+    let mut a = Asm::new(Mode::Protected32);
+    a.int3().outb(layout::DEBUG_EXIT_PORT, 9);
+    let mut vmm = Vmm::spawn(&scratch, &a.finish(), &[]);
+    let (code, err) = exit_of(&mut vmm);
+    assert!(
+        code == 0 || (code == 1 && err.contains("KVM_EXIT_INTERNAL_ERROR")),
+        "status {code}, stderr: {err}"
+    );
+    assert!(!vmm.api.exists());
+}
