@@ -1,0 +1,15 @@
+//! The REST API: HTTP/1.1 with JSON bodies over a Unix socket.
+//!
+//! [`http`] parses requests (bounded) and formats responses, [`routes`] maps them to handlers
+//! (the pure entry point [`routes::handle_request`] is what a fuzz target calls), [`control`]
+//! is the trait through which handlers reach the vsock device, [`server`] serves the socket on
+//! its own thread and [`client`] is the tiny client behind `vsock-vmm remote`.
+
+pub mod client;
+pub mod control;
+pub mod http;
+pub mod routes;
+pub mod server;
+
+pub use control::{ConnectionInfo, VsockControl, VsockCounters, VsockInfo};
+pub use routes::{handle_request, route, Action, ApiContext};

@@ -1,0 +1,3 @@
+//! Legacy devices on the I/O port bus.
+
+pub mod serial;

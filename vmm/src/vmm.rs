@@ -1,0 +1,312 @@
+//! The VMM's lifecycle: check the configuration, build the VM, run the vCPUs and the API, wait
+//! for a reason to stop, tear down.
+//!
+//! Exit status: 0 on guest shutdown or reboot, `PUT /api/v1/vm.shutdown`, SIGTERM or SIGINT;
+//! the byte written to the debug-exit port; 1 on a KVM or setup error (the reason is printed);
+//! 2 on a bad option (reported before KVM is touched).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::{self, server::SocketGuard, ApiContext};
+use crate::cli::{SerialMode, VmConfig, USAGE_EXIT_CODE};
+use crate::devices::serial::{Discard, Unbuffered};
+use crate::vm::vcpu::{install_kick_handler, kick_signal, VcpuStop};
+use crate::vm::Vm;
+use crate::vsock::{build_vsock, VsockParts};
+
+/// Why and how the VMM stops: the first reason wins.
+#[derive(Debug)]
+pub struct ExitSignal {
+    evt: EventFd,
+    first: Mutex<Option<(i32, String)>>,
+}
+
+impl ExitSignal {
+    /// A new, unsignalled exit.
+    pub fn new() -> io::Result<Self> {
+        Ok(ExitSignal {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            first: Mutex::new(None),
+        })
+    }
+
+    /// Asks the VMM to exit with `code`; later requests do not change the first one.
+    pub fn request(&self, code: i32, reason: impl Into<String>) {
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = Some((code, reason.into()));
+        }
+        drop(first);
+        if let Err(e) = self.evt.write(1) {
+            error!("cannot signal the VMM exit: {e}");
+        }
+    }
+
+    /// The first request, if any.
+    pub fn get(&self) -> Option<(i32, String)> {
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A setup failure and its exit status.
+#[derive(Debug)]
+pub struct Failure {
+    /// 2 for configuration errors found before KVM, 1 otherwise.
+    pub code: i32,
+    /// What went wrong.
+    pub message: String,
+}
+
+fn usage(message: String) -> Failure {
+    Failure {
+        code: USAGE_EXIT_CODE,
+        message,
+    }
+}
+
+fn fatal(message: String) -> Failure {
+    Failure { code: 1, message }
+}
+
+/// SIGTERM and SIGINT, blocked in every thread and read from a signalfd by the main thread.
+struct TerminationSignals(OwnedFd);
+
+impl TerminationSignals {
+    /// Blocks the signals in the calling thread (threads spawned later inherit the mask) and
+    /// opens a signalfd for them.
+    fn block() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+        }
+        // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: `set` is initialised; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by signalfd and is owned by nobody else.
+        Ok(TerminationSignals(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// The signal read, if one is pending.
+    fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, which is that large.
+        let n = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
+
+/// Waits until the guest, the API or a signal ends the VM; returns (status, reason).
+fn wait_for_exit(exit: &ExitSignal, signals: &TerminationSignals) -> (i32, String) {
+    loop {
+        if let Some(first) = exit.get() {
+            return first;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: exit.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return (1, format!("poll failed: {}", io::Error::last_os_error()));
+        }
+        if let Some(sig) = signals.read() {
+            let name = if sig == libc::SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
+            exit.request(0, format!("{name} received"));
+        }
+    }
+}
+
+fn open_serial(mode: &SerialMode) -> Result<Box<dyn Write + Send>, Failure> {
+    Ok(match mode {
+        SerialMode::Tty => Box::new(Unbuffered(io::stdout())),
+        SerialMode::Off => Box::new(Discard),
+        SerialMode::File(path) => Box::new(Unbuffered(File::create(path).map_err(|e| {
+            usage(format!(
+                "--serial: invalid value `file={}`: {e}",
+                path.display()
+            ))
+        })?)),
+    })
+}
+
+/// Runs the VM described by `config` to the end; returns the exit status.
+pub fn run(config: &VmConfig) -> Result<i32, Failure> {
+    // Phase 1: everything that can be wrong with the options, before KVM.
+    let mut kernel = File::open(&config.kernel).map_err(|e| {
+        usage(format!(
+            "--kernel: cannot open `{}`: {e}",
+            config.kernel.display()
+        ))
+    })?;
+    let mut initramfs = match &config.initramfs {
+        Some(p) => Some(
+            File::open(p)
+                .map_err(|e| usage(format!("--initramfs: cannot open `{}`: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let vsock: Option<VsockParts> = match config.vsock.as_deref() {
+        Some(raw) => Some(build_vsock(raw).map_err(|e| usage(e.to_string()))?),
+        None => None,
+    };
+    let api_listener = match &config.api_socket {
+        Some(path) => {
+            let listener = api::server::bind(path).map_err(|e| {
+                usage(format!(
+                    "--api-socket: cannot bind `{}`: {e}",
+                    path.display()
+                ))
+            })?;
+            Some((listener, SocketGuard(path.clone())))
+        }
+        None => None,
+    };
+    let serial_out = open_serial(&config.serial)?;
+    let signals = TerminationSignals::block()
+        .map_err(|e| fatal(format!("cannot block SIGTERM/SIGINT: {e}")))?;
+
+    // Phase 2: the VM.
+    let vm_err = |e: crate::vm::VmError| fatal(e.to_string());
+    let mut vm = Vm::new(config.memory_bytes).map_err(vm_err)?;
+    vm.add_serial(serial_out).map_err(vm_err)?;
+    let mut control = None;
+    if let Some(parts) = vsock {
+        vm.add_virtio(parts.device).map_err(vm_err)?;
+        control = Some(parts.control);
+    }
+    let boot = vm
+        .load_guest(
+            &mut kernel,
+            initramfs.as_mut(),
+            &config.cmdline,
+            config.cpus,
+        )
+        .map_err(vm_err)?;
+    info!("boot: {:?}, command line `{}`", boot.entry, boot.cmdline);
+    let vcpus = vm.create_vcpus(config.cpus, &boot.entry).map_err(vm_err)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| fatal(e.to_string()))?);
+    let _api_socket = match api_listener {
+        Some((listener, guard)) => {
+            let exit = exit.clone();
+            api::server::spawn(
+                listener,
+                ApiContext { vsock: control },
+                Box::new(move || exit.request(0, "shutdown requested through the API")),
+            )
+            .map_err(|e| fatal(format!("cannot start the API thread: {e}")))?;
+            Some(guard)
+        }
+        None => None,
+    };
+
+    install_kick_handler();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for mut vcpu in vcpus {
+        let (stop, exit) = (stop.clone(), exit.clone());
+        let id = vcpu.id();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || match vcpu.run(&stop) {
+                Ok(VcpuStop::Stopped) => {}
+                Ok(VcpuStop::Reset) => exit.request(0, format!("vcpu{id}: guest reboot")),
+                Ok(VcpuStop::Shutdown) => exit.request(0, format!("vcpu{id}: guest shutdown")),
+                Ok(VcpuStop::DebugExit(code)) => {
+                    exit.request(i32::from(code), format!("vcpu{id}: debug exit {code}"))
+                }
+                Err(e) => exit.request(1, format!("vcpu{id}: {e}")),
+            })
+            .map_err(|e| fatal(format!("cannot start vcpu{id}: {e}")))?;
+        threads.push(t);
+    }
+
+    let (code, reason) = wait_for_exit(&exit, &signals);
+    if code == 0 {
+        info!("exiting: {reason}");
+    } else {
+        error!("exiting with status {code}: {reason}");
+        eprintln!("vsock-vmm: {reason}");
+    }
+
+    // Teardown: stop the vCPUs, stop the device, remove the API socket (guard drop).
+    stop.store(true, Ordering::Release);
+    let all_stopped = stop_vcpus(&threads, Duration::from_secs(2));
+    for (_, transport) in vm.bus().mmio_devices() {
+        transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown();
+    }
+    if !all_stopped {
+        warn!("some vCPUs did not stop; exiting without unmapping guest memory");
+        drop(_api_socket);
+        std::process::exit(code);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(code)
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until all have returned or `timeout` passes.
+fn stop_vcpus(threads: &[JoinHandle<()>], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let running: Vec<_> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        for t in running {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it
+            // is still valid; the kick signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,96 @@
+//! Shared helpers for the KVM and end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use vsock_vmm::vm::vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuError, VcpuStop};
+
+/// Whether /dev/kvm can be used; prints a loud skip line when not.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: no /dev/kvm ({e}): {test}");
+            false
+        }
+    }
+}
+
+/// A unique scratch directory under the system temp dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vsock-vmm-test-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).expect("write scratch file");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `vcpu` on its own thread; if it has not stopped after `timeout`, kicks it out of
+/// KVM_RUN and panics.
+pub fn run_vcpu(mut vcpu: Vcpu, timeout: Duration) -> Result<VcpuStop, VcpuError> {
+    install_kick_handler();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let r = vcpu.run(&s);
+        let _ = tx.send(());
+        r
+    });
+    if rx.recv_timeout(timeout).is_ok() {
+        return handle.join().expect("vcpu thread panicked");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for _ in 0..500 {
+        if handle.is_finished() {
+            break;
+        }
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the thread is alive (not finished, not joined), so its pthread_t is valid.
+        unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the guest did not finish within {timeout:?}");
+}
+
+/// Waits until `path` exists (bounded).
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
