@@ -77,3 +77,19 @@ vr_wait_for() {
 		usleep 100000
 	done
 }
+
+# CMD | vr_relay PREFIX: forward a nested guest's console (e.g. vsock-vmm's
+# serial output) without confusing the outer harness: result lines become
+# "VRTEST PREFIX/<name> ...", its VRTEST-DONE becomes the check
+# "PREFIX/done" (PASS when rc=0; FAIL too when no VRTEST-DONE came at all),
+# and every other line is printed as "PREFIX: <line>".
+vr_relay() {
+	tr -d '\r' | awk -v p="$1" '
+		/^VRTEST-DONE / { done = 1; rc = $2; sub(/^rc=/, "", rc)
+			print "VRTEST " p "/done " (rc == "0" ? "PASS" : "FAIL") " rc=" rc; next }
+		/^VRTEST-INFO / { $2 = p "/" $2; print; next }
+		/^VRTEST-BOOT / { $1 = "VRTEST-INFO"; $2 = p "/boot-" $2; print; next }
+		/^VRTEST / { $2 = p "/" $2; print; next }
+		{ print p ": " $0 }
+		END { if (!done) print "VRTEST " p "/done FAIL no VRTEST-DONE from " p }'
+}
