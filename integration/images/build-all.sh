@@ -30,6 +30,23 @@ tools_dir="$("$VR_IMAGES_DIR/build-tools.sh")"
 host_vmlinux=""
 [ -f "$host_dir/vmlinux" ] && host_vmlinux="$host_dir/vmlinux"
 
+# Cache housekeeping: mark the entries in use, drop entries unused for
+# VR_CACHE_KEEP_DAYS (default 14) days and build leftovers older than a day.
+keep_days="${VR_CACHE_KEEP_DAYS:-14}"
+in_use=("$(dirname "$inner_kernel")" "$(dirname "$inner_initramfs")" "$host_dir" "$tools_dir"
+	"$VR_CACHE/src/linux-source-$(vr_pkg_version linux-source-6.1)")
+for d in "${in_use[@]}"; do [ -d "$d" ] && touch "$d/.last-used"; done
+for d in "$VR_CACHE"/{inner-kernel,inner-initramfs,host-kernel,tools,src}/*/; do
+	[ -d "$d" ] || continue
+	stamp="$d/.last-used"
+	[ -e "$stamp" ] || stamp="$d"
+	if [ -n "$(find "$stamp" -maxdepth 0 -mtime "+$keep_days" 2>/dev/null)" ]; then
+		vr_log "pruning unused cache entry ${d%/}"
+		rm -rf "${d%/}"
+	fi
+done
+find "$VR_CACHE/tmp" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} + 2>/dev/null || true
+
 env_file="$VR_CACHE/artifacts.env"
 cat >"$env_file.tmp" <<EOT
 VR_CACHE=$VR_CACHE

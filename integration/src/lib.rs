@@ -21,6 +21,8 @@
 //!     .unwrap();
 //! ```
 
+#![warn(missing_docs)]
+
 mod artifacts;
 mod console;
 mod error;
