@@ -20,6 +20,14 @@ use crate::HarnessError;
 
 /// Linux's x86 command-line limit (COMMAND_LINE_SIZE), including our options.
 const CMDLINE_MAX: usize = 2048;
+/// Firmware a microvm QEMU loads for a PVH `-kernel` boot.
+/// (`qboot.rom` is what microvm loads with `acpi=off`.)
+const NESTED_QEMU_FIRMWARE: [&str; 4] = [
+    "bios-microvm.bin",
+    "qboot.rom",
+    "pvh.bin",
+    "linuxboot_dma.bin",
+];
 /// How long QEMU may take to exit after `VRTEST-DONE` before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
@@ -116,6 +124,22 @@ impl GuestRun {
     /// with the shared libraries `ldd` lists.
     pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
         self.binaries.push(path.into());
+        self
+    }
+
+    /// KVM host only: ship the machine's `qemu-system-x86_64` (with its
+    /// libraries and the microvm firmware) so the scenario can boot the inner
+    /// guest on the KVM host's KVM with `vr_qemu_inner` — a reference VMM to
+    /// compare `vsock-vmm` with. Adds about 45 MB to the initramfs. QEMU-only
+    /// devices such as kernel vhost-vsock then run inside the TCG guest,
+    /// never on the machine itself.
+    pub fn nested_qemu(mut self) -> Self {
+        self.binaries
+            .push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        for fw in NESTED_QEMU_FIRMWARE {
+            let path = format!("/usr/share/qemu/{fw}");
+            self.files.push((PathBuf::from(&path), path));
+        }
         self
     }
 
@@ -411,6 +435,7 @@ impl RunningVm {
     /// Waits until the guest prints `VRTEST-DONE` (then up to 10 s more for
     /// QEMU to exit) or QEMU exits, bounded by the run's time limit counted
     /// from the start. Does not judge the results: see [`RunOutcome::check`].
+    /// With `VR_SHOW_CONSOLE` set, prints the whole console to stderr.
     pub fn wait(mut self) -> Result<RunOutcome, HarnessError> {
         let deadline = self.started + self.timeout;
         let mut done_at: Option<Instant> = None;
@@ -451,6 +476,12 @@ impl RunningVm {
             });
         }
         let elapsed = self.started.elapsed();
+        if std::env::var_os("VR_SHOW_CONSOLE").is_some() {
+            eprintln!(
+                "---- {}: serial console ----\n{console}\n---- end ----",
+                self.name
+            );
+        }
         eprintln!(
             "[vsock-integration] {}: finished in {:.1} s",
             self.name,

@@ -213,3 +213,70 @@ printf 'VRTEST b PASS\n' | vr_relay crashed
     assert!(outcome.console.contains("nested: noise"));
     assert_eq!(r.boots.len(), 1, "only the outer VRTEST-BOOT counts");
 }
+
+/// The whole nested path with a reference VMM: QEMU inside the TCG KVM host
+/// boots the inner guest on nested KVM with a (kernel) vhost-vsock device —
+/// all inside the TCG guest — and 1 MiB goes each way over AF_VSOCK between
+/// the inner guest and the KVM host. This is the shape of the later
+/// vsock-vmm tests, and proves the inner kernel's virtio-mmio
+/// (`virtio_mmio.device=` from QEMU's microvm) and vsock drivers.
+#[test]
+fn reference_qemu_runs_inner_guest_with_vsock_on_nested_kvm() {
+    let name = "reference_qemu_runs_inner_guest_with_vsock_on_nested_kvm";
+    let Some(artifacts) = artifacts_or_skip(name) else {
+        return;
+    };
+    let scenario = r#"
+cat >/tmp/inner.sh <<'INNER'
+sum="$(vr_pattern_file /tmp/d 1048576)"
+vr_check g2h-send socat -u FILE:/tmp/d VSOCK-CONNECT:2:5000
+if timeout 60 socat -u VSOCK-LISTEN:5001 CREATE:/tmp/back; then
+	vr_expect_eq h2g-receive "$sum" "$(vr_sha256 /tmp/back)"
+else
+	vr_fail h2g-receive "socat VSOCK-LISTEN failed"
+fi
+INNER
+want="$(vr_pattern_file /tmp/want 1048576)"
+timeout 90 socat -u VSOCK-LISTEN:5000 CREATE:/tmp/got &
+listener=$!
+t0=$(vr_uptime_ms)
+vr_qemu_inner "$(vr_cmd_arg /tmp/inner.sh)" -device vhost-vsock-device,guest-cid=3 >/tmp/inner.log &
+qemu=$!
+# If QEMU dies early, do not wait for the listener's full 90 s.
+(while kill -0 "$qemu" 2>/dev/null; do sleep 1; done; sleep 5; kill "$listener" 2>/dev/null) &
+if wait "$listener"; then
+	vr_expect_eq host-g2h-receive "$want" "$(vr_sha256 /tmp/got)"
+	vr_info g2h-ms $(( $(vr_uptime_ms) - t0 ))
+else
+	vr_fail host-g2h-receive "socat VSOCK-LISTEN:5000 failed"
+fi
+vr_wait_for 30 sh -c 'socat -u FILE:/tmp/want VSOCK-CONNECT:3:5001 2>/dev/null' && vr_pass host-h2g-send || vr_fail host-h2g-send "no connection to 3:5001"
+wait "$qemu"
+vr_relay inner </tmp/inner.log
+"#;
+    let outcome = GuestRun::kvm_host(scenario)
+        .name(name)
+        .nested_qemu()
+        .modules(&["kvm", "vhost-vsock"])
+        .run(
+            artifacts,
+            &[
+                "host-modules-vhost-vsock",
+                "host-g2h-receive",
+                "host-h2g-send",
+                "inner/g2h-send",
+                "inner/h2g-receive",
+                "inner/done",
+            ],
+        )
+        .unwrap();
+    eprintln!(
+        "guest->host 1 MiB after {} ms (from starting the nested QEMU); wall time {:.1} s",
+        outcome
+            .report
+            .info
+            .get("g2h-ms")
+            .map_or("?", String::as_str),
+        outcome.elapsed.as_secs_f64()
+    );
+}

@@ -82,7 +82,8 @@ vr_wait_for() {
 # serial output) without confusing the outer harness: result lines become
 # "VRTEST PREFIX/<name> ...", its VRTEST-DONE becomes the check
 # "PREFIX/done" (PASS when rc=0; FAIL too when no VRTEST-DONE came at all),
-# and every other line is printed as "PREFIX: <line>".
+# and every other line is printed as "PREFIX: <line>". Returns 1 when that
+# done check failed.
 vr_relay() {
 	tr -d '\r' | awk -v p="$1" '
 		/^VRTEST-DONE / { done = 1; rc = $2; sub(/^rc=/, "", rc)
@@ -91,5 +92,26 @@ vr_relay() {
 		/^VRTEST-BOOT / { $1 = "VRTEST-INFO"; $2 = p "/boot-" $2; print; next }
 		/^VRTEST / { $2 = p "/" $2; print; next }
 		{ print p ": " $0 }
-		END { if (!done) print "VRTEST " p "/done FAIL no VRTEST-DONE from " p }'
+		END { if (!done) print "VRTEST " p "/done FAIL no VRTEST-DONE from " p
+			if (done && rc == "0") exit 0
+			exit 1 }'
+}
+
+# vr_cmd_arg SCRIPT: the kernel option that makes the inner guest's /init
+# run SCRIPT (base64; keep scripts under ~1400 bytes).
+vr_cmd_arg() { echo "vr.cmd=$(base64 -w0 "$1")"; }
+
+# vr_qemu_inner "APPEND" [QEMU ARGS...]: KVM host only, and only when the run
+# ships QEMU (GuestRun::nested_qemu): boot /vr/inner/* with QEMU on this
+# host's KVM (microvm without ACPI, so QEMU passes virtio_mmio.device=
+# options; 256 MiB, 1 vCPU), console on stdout. A reference
+# VMM to compare vsock-vmm with; pipe it through vr_relay.
+vr_qemu_inner() {
+	_append="$1"
+	shift
+	qemu-system-x86_64 -L /usr/share/qemu -accel kvm -cpu host -M microvm,rtc=on,acpi=off \
+		-m 256M -smp 1 -nographic -no-reboot -monitor none \
+		-kernel /vr/inner/vmlinux -initrd /vr/inner/initramfs.cpio \
+		-append "console=ttyS0 quiet pci=off reboot=t tsc_early_khz=${VR_TSC_KHZ:-2300000} $_append" \
+		"$@" </dev/null 2>&1
 }
