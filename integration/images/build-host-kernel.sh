@@ -30,7 +30,7 @@ if [ -z "$pkg" ]; then
 fi
 [ -n "$pkg" ] || vr_die "no linux-image-6.1.0-NN-amd64 package known to apt (apt-get update?)"
 pkg_ver="$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')"
-[ -n "$pkg_ver" ] && [ "$pkg_ver" != "(none)" ] || vr_die "apt has no candidate for $pkg"
+if [ -z "$pkg_ver" ] || [ "$pkg_ver" = "(none)" ]; then vr_die "apt has no candidate for $pkg"; fi
 
 # Module sets: the modules named here, plus their dependencies (modinfo).
 declare -A sets=(

@@ -41,10 +41,11 @@ while [ "$#" -gt 0 ]; do
 	*) vr_die "unknown argument '$1' (see --help)" ;;
 	esac
 done
-[ -n "$kernel" ] && [ -f "$kernel" ] || vr_die "no host kernel (--kernel, or run build-all.sh)"
-[ -n "$initrd" ] && [ -f "$initrd" ] || vr_die "--initrd CPIO is required (make-host-initramfs.sh)"
+if [ -z "$kernel" ] || [ ! -f "$kernel" ]; then vr_die "no host kernel (--kernel, or run build-all.sh)"; fi
+if [ -z "$initrd" ] || [ ! -f "$initrd" ]; then vr_die "--initrd CPIO is required (make-host-initramfs.sh)"; fi
 command -v qemu-system-x86_64 >/dev/null || vr_die "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
 
+# shellcheck disable=SC2054 # the commas belong to QEMU options
 cmd=(qemu-system-x86_64 -accel tcg,thread=multi -cpu max -M microvm,rtc=on
 	-m "$mem" -smp "$smp" -nographic -no-reboot -monitor none
 	-kernel "$kernel" -initrd "$initrd"

@@ -9,6 +9,7 @@ mkdir -p /dev/pts /dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs tmpfs /run
+# shellcheck source=vrtest.sh
 . /lib/vrtest.sh
 
 vr_shutdown() {
@@ -50,6 +51,7 @@ vr_run_scenario() {
 	) &
 	_wd=$!
 	VR_FAILED=0
+	# shellcheck source=vrtest.sh disable=SC1090
 	( . /lib/vrtest.sh; VR_FAILED=0; . "$_script"; _rc=$?; [ "$VR_FAILED" = 0 ] || exit 1; exit "$_rc" )
 	_rc=$?
 	kill "$_wd" 2>/dev/null

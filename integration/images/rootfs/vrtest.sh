@@ -5,7 +5,9 @@
 #   VRTEST <name> PASS|FAIL|SKIP [detail...]
 #   VRTEST-INFO <name> <value...>      (measurements; never a verdict)
 #   VRTEST-DONE rc=<n>                 (printed by /init after the scenario)
-# <name> is [A-Za-z0-9._:-]+; detail is one line.
+# <name> is [A-Za-z0-9._:/-]+; detail is one line. vr_fail sets VR_FAILED=1,
+# which makes /init report a non-zero exit code.
+# shellcheck disable=SC2034
 
 vr_oneline() { tr '\n\r\t' '   ' | cut -c1-300; }
 vr_result() { # NAME STATUS DETAIL...
