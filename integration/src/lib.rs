@@ -26,6 +26,7 @@
 mod artifacts;
 mod console;
 mod error;
+mod process;
 mod vm;
 
 pub use artifacts::{
@@ -34,4 +35,5 @@ pub use artifacts::{
 };
 pub use console::{parse_console, CheckResult, ConsoleReport, Status};
 pub use error::HarnessError;
+pub use process::{start_vhost_user_vsock, vhost_user_backend, wait_for_path, ProcessGuard};
 pub use vm::{base64, GuestKind, GuestRun, RunOutcome, RunningVm};
