@@ -18,6 +18,7 @@ set -euo pipefail
 
 vr_ensure_pkgs qemu-system-x86 busybox-static socat cpio linux-source-6.1 bc flex bison \
 	libelf-dev libssl-dev build-essential linux-libc-dev xz-utils zstd
+command -v qemu-system-x86_64 >/dev/null || vr_die "qemu-system-x86_64 missing although qemu-system-x86 is installed"
 mkdir -p "$VR_CACHE"
 # One build at a time per cache (parallel cargo tests call this too).
 exec 9>"$VR_CACHE/.build-all.lock"

@@ -151,6 +151,9 @@ fn build_all() -> Result<Artifacts, HarnessError> {
     let stdout = reader.join().unwrap_or_default();
     let stderr = std::fs::read_to_string(log.path()).unwrap_or_default();
     match status {
+        _ if !qemu_installed() => Err(HarnessError::Unavailable(format!(
+            "qemu-system-x86_64 is missing and build-all.sh could not install it:\n{stderr}"
+        ))),
         Some(s) if s.success() => {
             eprintln!(
                 "[vsock-integration] artifacts ready in {:.1} s",
@@ -158,9 +161,6 @@ fn build_all() -> Result<Artifacts, HarnessError> {
             );
             parse_artifacts_env(&stdout)
         }
-        _ if !qemu_installed() => Err(HarnessError::Unavailable(format!(
-            "qemu-system-x86_64 is missing and build-all.sh could not install it:\n{stderr}"
-        ))),
         Some(s) => Err(HarnessError::Build {
             what: format!("integration artifacts ({}: {s})", script.display()),
             log: stderr,
@@ -193,9 +193,10 @@ pub fn artifacts_or_skip(test: &str) -> Option<&'static Artifacts> {
     if mode == "require" {
         panic!("{test}: integration platform required (VR_INTEGRATION=require) but unavailable: {reason}");
     }
-    let line = format!("SKIPPED: {test}: {reason}");
-    println!("{line}");
-    eprintln!("{line}");
+    // Written to the real stderr, past libtest's output capture, so a skip
+    // shows even when the test "passes" without --nocapture.
+    let line = format!("SKIPPED: {test}: {reason}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     None
 }
 
