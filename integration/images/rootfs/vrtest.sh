@@ -103,6 +103,13 @@ vr_relay() {
 # run SCRIPT (base64; keep scripts under ~1400 bytes).
 vr_cmd_arg() { echo "vr.cmd=$(base64 -w0 "$1")"; }
 
+# vr_inner_cmdline [EXTRA...]: kernel command line for the inner guest (the
+# VMM adds its own virtio_mmio.device=...), e.g. for vsock-vmm:
+#   --cmdline "$(vr_inner_cmdline "$(vr_cmd_arg /tmp/inner.sh)")"
+vr_inner_cmdline() {
+	echo "console=ttyS0 quiet pci=off reboot=t tsc_early_khz=${VR_TSC_KHZ:-2300000} $*"
+}
+
 # vr_qemu_inner "APPEND" [QEMU ARGS...]: KVM host only, and only when the run
 # ships QEMU (GuestRun::nested_qemu): boot /vr/inner/* with QEMU on this
 # host's KVM (microvm without ACPI, so QEMU passes virtio_mmio.device=
@@ -114,6 +121,6 @@ vr_qemu_inner() {
 	qemu-system-x86_64 -L /usr/share/qemu -accel kvm -cpu host -M microvm,rtc=on,acpi=off \
 		-m 256M -smp 1 -nographic -no-reboot -monitor none \
 		-kernel /vr/inner/vmlinux -initrd /vr/inner/initramfs.cpio \
-		-append "console=ttyS0 quiet pci=off reboot=t tsc_early_khz=${VR_TSC_KHZ:-2300000} $_append" \
+		-append "$(vr_inner_cmdline "$_append")" \
 		"$@" </dev/null 2>&1
 }
