@@ -1,10 +1,11 @@
 //! Building and locating the images: a thin wrapper around
 //! `integration/images/build-all.sh` and the `artifacts.env` it prints.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::HarnessError;
@@ -173,6 +174,69 @@ fn build_all() -> Result<Artifacts, HarnessError> {
             log: stderr,
         }),
     }
+}
+
+/// Builds `bin` of workspace package `package` in release mode and returns
+/// its path, to ship into the KVM host (e.g. `vsock-vmm`). Uses its own
+/// target directory, `<workspace>/target/vr-integration` (or
+/// `$CARGO_TARGET_DIR/vr-integration`), so it never waits for the lock of
+/// the `cargo test` that runs it; incremental after the first build. Built
+/// once per process.
+pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    // (package, bin) -> result; the lock is held while building, so builds
+    // never run in parallel.
+    type Built = HashMap<(String, String), Result<PathBuf, HarnessError>>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry((package.to_string(), bin.to_string()))
+        .or_insert_with(|| cargo_build(package, bin))
+        .clone()
+}
+
+fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ has a parent")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("vr-integration");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("[vsock-integration] cargo build --release -p {package} --bin {bin}");
+    let out = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--target-dir",
+        ])
+        .arg(&target)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| HarnessError::Setup(format!("cannot run cargo: {e}")))?;
+    if !out.status.success() {
+        return Err(HarnessError::Build {
+            what: format!("{package}/{bin}"),
+            log: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    let path = target.join("release").join(bin);
+    if !path.is_file() {
+        return Err(HarnessError::Setup(format!(
+            "cargo built {package} but {} is missing",
+            path.display()
+        )));
+    }
+    Ok(path)
 }
 
 /// For tests: the artifacts, or `None` after printing a loud

@@ -30,8 +30,8 @@ mod process;
 mod vm;
 
 pub use artifacts::{
-    artifacts_or_skip, ensure_artifacts, host_has_hardware_kvm, images_dir, parse_artifacts_env,
-    Artifacts,
+    artifacts_or_skip, build_workspace_binary, ensure_artifacts, host_has_hardware_kvm, images_dir,
+    parse_artifacts_env, Artifacts,
 };
 pub use console::{parse_console, CheckResult, ConsoleReport, Status};
 pub use error::HarnessError;
