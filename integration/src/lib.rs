@@ -1,1 +1,39 @@
-//! Integration test harness.
+//! Integration test platform for vsock-router.
+//!
+//! Real Linux guests need hardware virtualization, which the project's
+//! machines lack, so the tests run QEMU TCG (software emulation) with an
+//! emulated AMD SVM: a stock Debian kernel in it loads `kvm-amd` and becomes
+//! a genuine **KVM host**. Its initramfs carries `vsock-vmm`, an **inner
+//! guest** kernel + initramfs, and a scenario script; the scenario reports
+//! `VRTEST <name> PASS|FAIL|SKIP <detail>` lines on the serial console,
+//! which this crate parses. No AF_VSOCK socket is ever opened on the machine
+//! itself.
+//!
+//! Images are built from Debian packages by `integration/images/*.sh` and
+//! cached in `${VSOCK_ROUTER_CACHE:-~/.cache/vsock-router}`; see
+//! `integration/README.md`.
+//!
+//! ```no_run
+//! use vsock_integration::{artifacts_or_skip, GuestRun};
+//! let Some(artifacts) = artifacts_or_skip("my_test") else { return };
+//! GuestRun::kvm_host("vr_check kvm vr-kvmcheck\n")
+//!     .run(artifacts, &["kvm"])
+//!     .unwrap();
+//! ```
+
+#![warn(missing_docs)]
+
+mod artifacts;
+mod console;
+mod error;
+mod process;
+mod vm;
+
+pub use artifacts::{
+    artifacts_or_skip, build_workspace_binary, ensure_artifacts, host_has_hardware_kvm, images_dir,
+    parse_artifacts_env, Artifacts,
+};
+pub use console::{parse_console, CheckResult, ConsoleReport, Status};
+pub use error::HarnessError;
+pub use process::{start_vhost_user_vsock, vhost_user_backend, wait_for_path, ProcessGuard};
+pub use vm::{base64, GuestKind, GuestRun, RunOutcome, RunningVm};

@@ -1,0 +1,294 @@
+//! Building and locating the images: a thin wrapper around
+//! `integration/images/build-all.sh` and the `artifacts.env` it prints.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::HarnessError;
+
+/// Upper bound for a cold `build-all.sh` (apt installs + kernel build).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+
+/// Paths and facts from `$VR_CACHE/artifacts.env`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Artifacts {
+    /// The cache directory (`$VSOCK_ROUTER_CACHE`, default `~/.cache/vsock-router`).
+    pub cache_dir: PathBuf,
+    /// Inner guest kernel, ELF with a PVH entry.
+    pub inner_vmlinux: PathBuf,
+    /// Inner guest initramfs, uncompressed newc cpio.
+    pub inner_initramfs: PathBuf,
+    /// Output directory of `build-host-kernel.sh` (has `modules/`).
+    pub host_kernel_dir: PathBuf,
+    /// KVM host kernel to boot: the extracted ELF vmlinux, else the bzImage.
+    pub host_kernel: PathBuf,
+    /// KVM host kernel release, e.g. `6.1.0-56-amd64`.
+    pub host_kver: String,
+    /// Static helper programs put on the KVM host's PATH (e.g. `vr-kvmcheck`).
+    pub tools_dir: PathBuf,
+    /// Host TSC frequency for `tsc_early_khz=`.
+    pub tsc_khz: u64,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+}
+
+/// `integration/images/` in this checkout.
+pub fn images_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("images")
+}
+
+/// True when this machine's CPU has hardware virtualization (`vmx` or `svm`
+/// in `/proc/cpuinfo`). Only then could `vsock-vmm` run Linux guests directly
+/// on the machine's `/dev/kvm`; everywhere else the tests nest it inside a
+/// QEMU TCG "KVM host".
+pub fn host_has_hardware_kvm() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| cpuinfo_has_virt(&s))
+        .unwrap_or(false)
+}
+
+fn cpuinfo_has_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| f == "vmx" || f == "svm")
+}
+
+/// Parses the `KEY=VALUE` lines of `artifacts.env`.
+pub fn parse_artifacts_env(text: &str) -> Result<Artifacts, HarnessError> {
+    let get = |key: &str| -> Option<String> {
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+            .next_back()
+    };
+    let need = |key: &str| -> Result<String, HarnessError> {
+        get(key)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| HarnessError::Setup(format!("artifacts.env lacks {key}:\n{text}")))
+    };
+    let host_kernel = match get("VR_HOST_VMLINUX").filter(|v| !v.is_empty()) {
+        Some(v) => v,
+        None => need("VR_HOST_BZIMAGE")?,
+    };
+    let tsc = need("VR_TSC_KHZ")?;
+    Ok(Artifacts {
+        cache_dir: need("VR_CACHE")?.into(),
+        inner_vmlinux: need("VR_INNER_VMLINUX")?.into(),
+        inner_initramfs: need("VR_INNER_INITRAMFS")?.into(),
+        host_kernel_dir: need("VR_HOST_KERNEL_DIR")?.into(),
+        host_kernel: host_kernel.into(),
+        host_kver: need("VR_HOST_KVER")?,
+        tools_dir: need("VR_TOOLS_DIR")?.into(),
+        tsc_khz: tsc
+            .parse()
+            .map_err(|_| HarnessError::Setup(format!("VR_TSC_KHZ is not a number: {tsc}")))?,
+        qemu: need("VR_QEMU")?.into(),
+    })
+}
+
+fn qemu_installed() -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false)
+}
+
+/// Runs `build-all.sh` (builds only what is missing from the cache) and
+/// returns the artifacts. The first call in a process does the work; later
+/// calls return the same result. Returns [`HarnessError::Unavailable`] when
+/// the platform cannot run here at all (not x86_64 Linux, or QEMU missing and
+/// not installable), [`HarnessError::Build`] when a build failed.
+pub fn ensure_artifacts() -> Result<&'static Artifacts, HarnessError> {
+    static ARTIFACTS: OnceLock<Result<Artifacts, HarnessError>> = OnceLock::new();
+    ARTIFACTS
+        .get_or_init(build_all)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn build_all() -> Result<Artifacts, HarnessError> {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return Err(HarnessError::Unavailable(
+            "the integration platform needs x86_64 Linux".into(),
+        ));
+    }
+    let script = images_dir().join("build-all.sh");
+    eprintln!(
+        "[vsock-integration] {} (a cold build takes about 4 minutes)",
+        script.display()
+    );
+    let started = Instant::now();
+    let log = tempfile::NamedTempFile::new()?;
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.reopen()?)
+        .spawn()
+        .map_err(|e| HarnessError::Setup(format!("cannot run {}: {e}", script.display())))?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > BUILD_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    let stderr = std::fs::read_to_string(log.path()).unwrap_or_default();
+    match status {
+        _ if !qemu_installed() => Err(HarnessError::Unavailable(format!(
+            "qemu-system-x86_64 is missing and build-all.sh could not install it:\n{stderr}"
+        ))),
+        Some(s) if s.success() => {
+            eprintln!(
+                "[vsock-integration] artifacts ready in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            parse_artifacts_env(&stdout)
+        }
+        Some(s) => Err(HarnessError::Build {
+            what: format!("integration artifacts ({}: {s})", script.display()),
+            log: stderr,
+        }),
+        None => Err(HarnessError::Build {
+            what: format!(
+                "integration artifacts (killed after {} s)",
+                BUILD_TIMEOUT.as_secs()
+            ),
+            log: stderr,
+        }),
+    }
+}
+
+/// Builds `bin` of workspace package `package` in release mode and returns
+/// its path, to ship into the KVM host (e.g. `vsock-vmm`). Uses its own
+/// target directory, `<workspace>/target/vr-integration` (or
+/// `$CARGO_TARGET_DIR/vr-integration`), so it never waits for the lock of
+/// the `cargo test` that runs it; incremental after the first build. Built
+/// once per process.
+pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    // (package, bin) -> result; the lock is held while building, so builds
+    // never run in parallel.
+    type Built = HashMap<(String, String), Result<PathBuf, HarnessError>>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry((package.to_string(), bin.to_string()))
+        .or_insert_with(|| cargo_build(package, bin))
+        .clone()
+}
+
+fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ has a parent")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("vr-integration");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("[vsock-integration] cargo build --release -p {package} --bin {bin}");
+    let out = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            bin,
+            "--target-dir",
+        ])
+        .arg(&target)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| HarnessError::Setup(format!("cannot run cargo: {e}")))?;
+    if !out.status.success() {
+        return Err(HarnessError::Build {
+            what: format!("{package}/{bin}"),
+            log: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    let path = target.join("release").join(bin);
+    if !path.is_file() {
+        return Err(HarnessError::Setup(format!(
+            "cargo built {package} but {} is missing",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// For tests: the artifacts, or `None` after printing a loud
+/// `SKIPPED: <test>: <reason>` line when the platform is unavailable here
+/// or `VR_INTEGRATION=skip` is set. Set `VR_INTEGRATION=require` to turn
+/// a skip into a panic (for CI). Panics on build errors.
+pub fn artifacts_or_skip(test: &str) -> Option<&'static Artifacts> {
+    let mode = std::env::var("VR_INTEGRATION").unwrap_or_default();
+    let reason = if mode == "skip" {
+        "VR_INTEGRATION=skip".to_string()
+    } else {
+        match ensure_artifacts() {
+            Ok(a) => return Some(a),
+            Err(HarnessError::Unavailable(why)) => why,
+            Err(e) => panic!("{test}: {e}"),
+        }
+    };
+    if mode == "require" {
+        panic!("{test}: integration platform required (VR_INTEGRATION=require) but unavailable: {reason}");
+    }
+    // Written to the real stderr, past libtest's output capture, so a skip
+    // shows even when the test "passes" without --nocapture.
+    let line = format!("SKIPPED: {test}: {reason}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_env_file_and_prefers_elf_kernel() {
+        let env = "VR_CACHE=/c\nVR_INNER_VMLINUX=/c/i/vmlinux\nVR_INNER_INITRAMFS=/c/i.cpio\n\
+                   VR_HOST_KERNEL_DIR=/c/h\nVR_HOST_VMLINUX=/c/h/vmlinux\nVR_HOST_BZIMAGE=/c/h/bzImage\n\
+                   VR_HOST_KVER=6.1.0-56-amd64\nVR_TOOLS_DIR=/c/t\nVR_TSC_KHZ=2596096\nVR_QEMU=/usr/bin/q\n";
+        let a = parse_artifacts_env(env).unwrap();
+        assert_eq!(a.host_kernel, PathBuf::from("/c/h/vmlinux"));
+        assert_eq!(a.tsc_khz, 2596096);
+        let a =
+            parse_artifacts_env(&env.replace("VR_HOST_VMLINUX=/c/h/vmlinux", "VR_HOST_VMLINUX="))
+                .unwrap();
+        assert_eq!(a.host_kernel, PathBuf::from("/c/h/bzImage"));
+        assert!(parse_artifacts_env("VR_CACHE=/c\n").is_err());
+    }
+
+    #[test]
+    fn detects_virtualization_flags() {
+        assert!(cpuinfo_has_virt(
+            "processor: 0\nflags\t\t: fpu vme svm lm\n"
+        ));
+        assert!(cpuinfo_has_virt("flags : fpu vmx\n"));
+        assert!(!cpuinfo_has_virt("flags : fpu vme lm\nbugs : svmx\n"));
+    }
+}

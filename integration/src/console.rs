@@ -1,0 +1,249 @@
+//! Parsing of the machine-readable lines guests print on their serial console.
+//!
+//! Format (each at the start of a line; `\r` is ignored):
+//! - `VRTEST <name> PASS|FAIL|SKIP [detail]`: one check's verdict
+//! - `VRTEST-INFO <name> <value>`: a measurement or note, never a verdict
+//! - `VRTEST-BOOT <which> [...]`: printed by `/init` once user space runs
+//! - `VRTEST-DONE rc=<n>`: the scenario finished with exit code `n`
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Verdict of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// The check passed.
+    Pass,
+    /// The check failed.
+    Fail,
+    /// The check could not run (not a failure).
+    Skip,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Skip => "SKIP",
+        })
+    }
+}
+
+/// One `VRTEST` result line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckResult {
+    /// Check name (a repeated name gets `#2`, `#3`, ... appended).
+    pub name: String,
+    /// Verdict.
+    pub status: Status,
+    /// Rest of the line (may be empty).
+    pub detail: String,
+}
+
+/// Everything the harness understood from a console log.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleReport {
+    /// Results by name.
+    pub results: BTreeMap<String, CheckResult>,
+    /// Result names in the order they were printed.
+    pub order: Vec<String>,
+    /// `VRTEST-INFO` values by name (a repeated name keeps the last value).
+    pub info: BTreeMap<String, String>,
+    /// The text after each `VRTEST-BOOT`.
+    pub boots: Vec<String>,
+    /// The scenario's exit code from `VRTEST-DONE rc=<n>`, once seen.
+    pub done_rc: Option<i32>,
+    /// Lines that start with `VRTEST` but could not be parsed.
+    pub malformed: Vec<String>,
+}
+
+impl ConsoleReport {
+    /// True once `VRTEST-DONE` was seen.
+    pub fn is_done(&self) -> bool {
+        self.done_rc.is_some()
+    }
+
+    /// Verdict of the check `name`, if it was reported.
+    pub fn status(&self, name: &str) -> Option<Status> {
+        self.results.get(name).map(|r| r.status)
+    }
+
+    /// The results with status FAIL, in console order.
+    pub fn failures(&self) -> Vec<&CheckResult> {
+        self.order
+            .iter()
+            .filter_map(|n| self.results.get(n))
+            .filter(|r| r.status == Status::Fail)
+            .collect()
+    }
+
+    /// Problems that make a finished run a failure: FAIL results, malformed
+    /// lines, a missing `VRTEST-DONE`, a non-zero exit code, no result at
+    /// all, and each name in `required` that is absent or not PASS.
+    pub fn problems(&self, required: &[&str]) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .failures()
+            .iter()
+            .map(|r| format!("FAIL {}: {}", r.name, r.detail))
+            .collect();
+        problems.extend(
+            self.malformed
+                .iter()
+                .map(|l| format!("malformed line: {l}")),
+        );
+        match self.done_rc {
+            None => problems.push("no VRTEST-DONE line".to_string()),
+            Some(0) => {}
+            Some(rc) => problems.push(format!("scenario exit code {rc}")),
+        }
+        if self.results.is_empty() {
+            problems.push("no VRTEST result line at all".to_string());
+        }
+        for name in required {
+            match self.results.get(*name) {
+                None => problems.push(format!("required check {name} not reported")),
+                Some(r) if r.status != Status::Pass => problems.push(format!(
+                    "required check {name} is {}: {}",
+                    r.status, r.detail
+                )),
+                Some(_) => {}
+            }
+        }
+        problems
+    }
+}
+
+/// Parses every `VRTEST` line of a serial console log.
+pub fn parse_console(text: &str) -> ConsoleReport {
+    let mut report = ConsoleReport::default();
+    for raw in text.split('\n') {
+        let line = raw.trim_end_matches('\r').trim_end();
+        let Some((tag, rest)) = split_word(line) else {
+            continue;
+        };
+        match tag {
+            "VRTEST" => match parse_result(rest) {
+                Some(mut r) => {
+                    let base = r.name.clone();
+                    let mut n = 1;
+                    while report.results.contains_key(&r.name) {
+                        n += 1;
+                        r.name = format!("{base}#{n}");
+                    }
+                    report.order.push(r.name.clone());
+                    report.results.insert(r.name.clone(), r);
+                }
+                None => report.malformed.push(line.to_string()),
+            },
+            "VRTEST-INFO" => match split_word(rest) {
+                Some((name, value)) => {
+                    report.info.insert(name.to_string(), value.to_string());
+                }
+                None => report.malformed.push(line.to_string()),
+            },
+            "VRTEST-BOOT" => report.boots.push(rest.to_string()),
+            "VRTEST-DONE" => match rest.strip_prefix("rc=").and_then(|v| v.trim().parse().ok()) {
+                Some(rc) => report.done_rc = Some(rc),
+                None => {
+                    report.malformed.push(line.to_string());
+                    report.done_rc = Some(-1);
+                }
+            },
+            t if t.starts_with("VRTEST") => report.malformed.push(line.to_string()),
+            _ => {}
+        }
+    }
+    report
+}
+
+/// Splits off the first space-separated word; `None` for an empty line.
+fn split_word(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start();
+    if s.is_empty() {
+        return None;
+    }
+    Some(match s.split_once(' ') {
+        Some((w, rest)) => (w, rest.trim()),
+        None => (s, ""),
+    })
+}
+
+fn parse_result(rest: &str) -> Option<CheckResult> {
+    let (name, rest) = split_word(rest)?;
+    let (status, detail) = split_word(rest)?;
+    let status = match status {
+        "PASS" => Status::Pass,
+        "FAIL" => Status::Fail,
+        "SKIP" => Status::Skip,
+        _ => return None,
+    };
+    let valid = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._:/-#".contains(c));
+    if !valid {
+        return None;
+    }
+    Some(CheckResult {
+        name: name.to_string(),
+        status,
+        detail: detail.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = "[    0.1] kernel noise\r\n\
+        VRTEST-BOOT kvm-host uptime_ms=1450\r\n\
+        VRTEST host-modules-kvm PASS irqbypass.ko ccp.ko\r\n\
+        VRTEST dev-kvm PASS \r\n\
+        VRTEST-INFO boot-ms 790\n\
+        VRTEST x SKIP not here\n\
+        VRTEST x FAIL second x\n\
+        inner: VRTEST not-a-result PASS\n\
+        VRTEST-DONE rc=0\r\n\
+        [    2.0] reboot: Restarting system\n";
+
+    #[test]
+    fn parses_results_info_boot_and_done() {
+        let r = parse_console(LOG);
+        assert_eq!(r.status("host-modules-kvm"), Some(Status::Pass));
+        assert_eq!(r.results["host-modules-kvm"].detail, "irqbypass.ko ccp.ko");
+        assert_eq!(r.results["dev-kvm"].detail, "");
+        assert_eq!(r.status("x"), Some(Status::Skip));
+        assert_eq!(r.status("x#2"), Some(Status::Fail));
+        assert_eq!(r.status("not-a-result"), None);
+        assert_eq!(r.info["boot-ms"], "790");
+        assert_eq!(r.boots, vec!["kvm-host uptime_ms=1450".to_string()]);
+        assert_eq!(r.done_rc, Some(0));
+        assert!(r.malformed.is_empty());
+        assert_eq!(r.order, ["host-modules-kvm", "dev-kvm", "x", "x#2"]);
+        assert_eq!(r.problems(&["dev-kvm"]), ["FAIL x#2: second x"]);
+    }
+
+    #[test]
+    fn missing_done_missing_required_and_garbage_are_problems() {
+        let r = parse_console("VRTEST a PASS\nVRTEST b MAYBE\nVRTEST-DONE rc=3\n");
+        let p = r.problems(&["a", "c"]);
+        assert!(
+            p.iter()
+                .any(|l| l.contains("malformed line: VRTEST b MAYBE")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|l| l == "scenario exit code 3"), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.contains("required check c not reported")),
+            "{p:?}"
+        );
+        let r = parse_console("nothing\n");
+        let p = r.problems(&[]);
+        assert!(p.contains(&"no VRTEST-DONE line".to_string()), "{p:?}");
+        assert!(
+            p.contains(&"no VRTEST result line at all".to_string()),
+            "{p:?}"
+        );
+    }
+}

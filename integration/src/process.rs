@@ -1,0 +1,167 @@
+//! Helper processes on the machine (e.g. a vhost-user backend), killed by PID
+//! when their guard is dropped.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::artifacts::images_dir;
+use crate::HarnessError;
+
+/// A child process whose stdout and stderr go to a log file; it is killed
+/// (SIGKILL to its PID) and reaped on drop, and also when the spawning
+/// thread dies (PR_SET_PDEATHSIG).
+#[derive(Debug)]
+pub struct ProcessGuard {
+    name: String,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl ProcessGuard {
+    /// Starts `cmd` with stdin from /dev/null and output to `log_path`.
+    pub fn spawn(name: &str, cmd: &mut Command, log_path: &Path) -> Result<Self, HarnessError> {
+        let log = File::create(log_path)?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // parent memory; it only asks the kernel to kill the child with us.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| HarnessError::Setup(format!("cannot start {name}: {e}")))?;
+        Ok(ProcessGuard {
+            name: name.to_string(),
+            child: Some(child),
+            log_path: log_path.to_path_buf(),
+        })
+    }
+
+    /// The process ID (None once killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// Kills (SIGKILL by PID) and reaps the process; idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls (every 50 ms, at most `limit`) until `path` exists.
+pub fn wait_for_path(path: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if path.exists() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// rust-vmm's `vhost-device-vsock` (crates.io, pinned), built once into the
+/// cache by `images/build-vhost-user-backend.sh` (a few minutes the first
+/// time). Only ever start it through [`start_vhost_user_vsock`], which uses
+/// its Unix-socket (`uds-path`) mode: its other mode opens AF_VSOCK on the
+/// machine, which is forbidden here.
+pub fn vhost_user_backend() -> Result<&'static Path, HarnessError> {
+    static BACKEND: OnceLock<Result<PathBuf, HarnessError>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let script = images_dir().join("build-vhost-user-backend.sh");
+            eprintln!("[vsock-integration] {}", script.display());
+            let out = Command::new("bash")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| {
+                    HarnessError::Setup(format!("cannot run {}: {e}", script.display()))
+                })?;
+            if !out.status.success() {
+                return Err(HarnessError::Build {
+                    what: "vhost-device-vsock".into(),
+                    log: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+            Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        })
+        .as_ref()
+        .map(PathBuf::as_path)
+        .map_err(Clone::clone)
+}
+
+/// Starts `vhost-device-vsock` for one guest with CID `guest_cid`: the
+/// vhost-user socket at `vhost_socket` (pass it to QEMU as
+/// `-chardev socket,id=X,path=...` + `-device vhost-user-vsock-device,chardev=X`,
+/// with [`crate::GuestRun::memfd`]) and the hybrid-vsock Unix socket at
+/// `uds_path` (host → guest: connect, write `CONNECT <port>\n`, read
+/// `OK <port>\n`; guest → host port P: listen on `<uds_path>_P`). Waits
+/// (at most 10 s) for the vhost-user socket to appear. Log: `<vhost_socket>.log`.
+pub fn start_vhost_user_vsock(
+    guest_cid: u32,
+    vhost_socket: &Path,
+    uds_path: &Path,
+) -> Result<ProcessGuard, HarnessError> {
+    let bin = vhost_user_backend()?;
+    let vm = format!(
+        "guest-cid={guest_cid},socket={},uds-path={}",
+        vhost_socket.display(),
+        uds_path.display()
+    );
+    let log = PathBuf::from(format!("{}.log", vhost_socket.display()));
+    let mut guard = ProcessGuard::spawn(
+        "vhost-device-vsock",
+        Command::new(bin).arg("--vm").arg(vm),
+        &log,
+    )?;
+    if !wait_for_path(vhost_socket, Duration::from_secs(10)) || !guard.is_running() {
+        return Err(HarnessError::Setup(format!(
+            "vhost-device-vsock did not create {}:\n{}",
+            vhost_socket.display(),
+            guard.log()
+        )));
+    }
+    Ok(guard)
+}

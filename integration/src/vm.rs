@@ -1,0 +1,604 @@
+//! Starting guests under QEMU TCG and collecting their verdicts.
+//!
+//! Two kinds of guest:
+//! - the **KVM host**: a stock Debian kernel with `kvm-amd` on emulated SVM;
+//!   its initramfs (assembled per run by `make-host-initramfs.sh`) carries the
+//!   scenario, extra binaries such as `vsock-vmm`, and the inner guest images
+//!   under `/vr/inner/`;
+//! - the **inner guest** booted directly by QEMU (to test the inner images
+//!   themselves; in real tests `vsock-vmm` boots it inside the KVM host).
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifacts::{images_dir, Artifacts};
+use crate::console::{parse_console, ConsoleReport};
+use crate::HarnessError;
+
+/// Linux's x86 command-line limit (COMMAND_LINE_SIZE), including our options.
+const CMDLINE_MAX: usize = 2048;
+/// Firmware a microvm QEMU loads for a PVH `-kernel` boot.
+/// (`qboot.rom` is what microvm loads with `acpi=off`.)
+const NESTED_QEMU_FIRMWARE: [&str; 4] = [
+    "bios-microvm.bin",
+    "qboot.rom",
+    "pvh.bin",
+    "linuxboot_dma.bin",
+];
+/// How long QEMU may take to exit after `VRTEST-DONE` before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// Which guest a [`GuestRun`] boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestKind {
+    /// Stock Debian kernel with KVM (emulated AMD SVM) and our initramfs.
+    KvmHost,
+    /// The inner guest kernel + initramfs, booted directly by QEMU TCG.
+    InnerDirect,
+}
+
+#[derive(Clone, Debug)]
+enum Scenario {
+    Script(String),
+    Named(String),
+}
+
+/// Description of one guest run; build it, then [`GuestRun::run`] or
+/// [`GuestRun::spawn`].
+///
+/// The scenario is a busybox `sh` script, sourced by the guest's `/init`
+/// with the helpers of `images/rootfs/vrtest.sh` (`vr_pass`, `vr_fail`,
+/// `vr_check`, `vr_relay`, ...). It reports `VRTEST <name> PASS|FAIL|SKIP`
+/// lines; `/init` adds `VRTEST-DONE rc=<exit code>` and reboots, which ends
+/// QEMU.
+#[derive(Clone, Debug)]
+pub struct GuestRun {
+    name: String,
+    kind: GuestKind,
+    scenario: Scenario,
+    binaries: Vec<PathBuf>,
+    files: Vec<(PathBuf, String)>,
+    qemu_args: Vec<String>,
+    modules: Vec<String>,
+    memfd: bool,
+    append: String,
+    memory: String,
+    smp: u32,
+    timeout: Duration,
+    workdir: Option<PathBuf>,
+}
+
+impl GuestRun {
+    fn new(kind: GuestKind, scenario: Scenario) -> Self {
+        let (memory, smp, timeout) = match kind {
+            GuestKind::KvmHost => ("2G", 2, Duration::from_secs(180)),
+            GuestKind::InnerDirect => ("256M", 1, Duration::from_secs(60)),
+        };
+        GuestRun {
+            name: format!("{kind:?}"),
+            kind,
+            scenario,
+            binaries: Vec::new(),
+            files: Vec::new(),
+            qemu_args: Vec::new(),
+            modules: vec!["kvm".to_string()],
+            memfd: false,
+            append: String::new(),
+            memory: memory.to_string(),
+            smp,
+            timeout,
+            workdir: None,
+        }
+    }
+
+    /// A KVM host run with `script` as its scenario (`/vr/scenario.sh`).
+    /// Defaults: 2 GiB, 2 vCPUs, module set `kvm`, 180 s limit.
+    pub fn kvm_host(script: impl Into<String>) -> Self {
+        Self::new(GuestKind::KvmHost, Scenario::Script(script.into()))
+    }
+
+    /// The inner guest booted directly under QEMU with `script` as its
+    /// scenario. The script travels base64-encoded on the kernel command
+    /// line (`vr.cmd=`), so it must stay under about 1400 bytes.
+    /// Defaults: 256 MiB, 1 vCPU, 60 s limit.
+    pub fn inner_direct(script: impl Into<String>) -> Self {
+        Self::new(GuestKind::InnerDirect, Scenario::Script(script.into()))
+    }
+
+    /// The inner guest booted directly under QEMU running a scenario shipped
+    /// in its initramfs (`images/inner-scenarios/<name>.sh`).
+    pub fn inner_direct_named(name: &str) -> Self {
+        Self::new(GuestKind::InnerDirect, Scenario::Named(name.to_string()))
+    }
+
+    /// Name used in messages (e.g. the test's name).
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = name.to_string();
+        self
+    }
+
+    /// KVM host only: add an executable as `/vr/bin/<file name>` (on PATH),
+    /// with the shared libraries `ldd` lists.
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binaries.push(path.into());
+        self
+    }
+
+    /// KVM host only: ship the machine's `qemu-system-x86_64` (with its
+    /// libraries and the microvm firmware) so the scenario can boot the inner
+    /// guest on the KVM host's KVM with `vr_qemu_inner` — a reference VMM to
+    /// compare `vsock-vmm` with. Adds about 45 MB to the initramfs. QEMU-only
+    /// devices such as kernel vhost-vsock then run inside the TCG guest,
+    /// never on the machine itself.
+    pub fn nested_qemu(mut self) -> Self {
+        self.binaries
+            .push(PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        for fw in NESTED_QEMU_FIRMWARE {
+            let path = format!("/usr/share/qemu/{fw}");
+            self.files.push((PathBuf::from(&path), path));
+        }
+        self
+    }
+
+    /// KVM host only: add a file at the absolute path `dest` in the guest.
+    pub fn file(mut self, src: impl Into<PathBuf>, dest: &str) -> Self {
+        self.files.push((src.into(), dest.to_string()));
+        self
+    }
+
+    /// Extra QEMU arguments. `{dir}` in an argument is replaced by the run's
+    /// working directory (see [`GuestRun::workdir`]).
+    pub fn qemu_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.qemu_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// KVM host only: module sets `/init` loads, e.g. `["kvm", "vsock"]`
+    /// (sets: `kvm`, `vsock`, `vhost-vsock`, `vsock-loopback`; default `kvm`).
+    /// Each set reports `VRTEST host-modules-<set> PASS|FAIL`.
+    pub fn modules(mut self, sets: &[&str]) -> Self {
+        self.modules = sets.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Back guest RAM with a shared memfd (needed by vhost-user devices).
+    pub fn memfd(mut self, on: bool) -> Self {
+        self.memfd = on;
+        self
+    }
+
+    /// Extra kernel command-line options.
+    pub fn append(mut self, args: &str) -> Self {
+        if !self.append.is_empty() {
+            self.append.push(' ');
+        }
+        self.append.push_str(args);
+        self
+    }
+
+    /// Guest RAM in QEMU syntax (e.g. `"1G"`).
+    pub fn memory(mut self, size: &str) -> Self {
+        self.memory = size.to_string();
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn smp(mut self, cpus: u32) -> Self {
+        self.smp = cpus;
+        self
+    }
+
+    /// Limit from QEMU's start to `VRTEST-DONE`. The guest's own watchdog
+    /// (`vr.timeout=`) is set 10 s shorter so a hung scenario still reports.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = limit;
+        self
+    }
+
+    /// Use `dir` (which must exist and is left in place) for the console log,
+    /// the initramfs and QEMU's output instead of a fresh temporary directory
+    /// that is removed afterwards. Useful to put vhost-user sockets next to them.
+    pub fn workdir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.workdir = Some(dir.into());
+        self
+    }
+
+    /// Boots the guest, waits for the scenario and checks the verdict: every
+    /// name in `required` must be PASS, no check may FAIL, and the scenario
+    /// must exit 0. Errors carry the whole console log.
+    pub fn run(
+        &self,
+        artifacts: &Artifacts,
+        required: &[&str],
+    ) -> Result<RunOutcome, HarnessError> {
+        let outcome = self.spawn(artifacts)?.wait()?;
+        outcome.check(required)?;
+        Ok(outcome)
+    }
+
+    /// Boots the guest and returns at once; QEMU is killed when the returned
+    /// [`RunningVm`] is dropped.
+    pub fn spawn(&self, artifacts: &Artifacts) -> Result<RunningVm, HarnessError> {
+        let (tempdir, dir) = match &self.workdir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("vr-integration.")
+                    .tempdir()?;
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let guest_timeout = self.timeout.as_secs().saturating_sub(10).max(5);
+        let mut append = format!("vr.timeout={guest_timeout}");
+        let (kernel, initrd) = match self.kind {
+            GuestKind::KvmHost => {
+                let Scenario::Script(script) = &self.scenario else {
+                    return Err(HarnessError::Setup("KVM host runs take a script".into()));
+                };
+                let initrd = dir.join("host-initramfs.cpio");
+                self.make_host_initramfs(artifacts, &dir, script, &initrd)?;
+                (artifacts.host_kernel.clone(), initrd)
+            }
+            GuestKind::InnerDirect => {
+                if !self.binaries.is_empty() || !self.files.is_empty() {
+                    return Err(HarnessError::Setup(
+                        "binaries/files are only supported for KVM host runs".into(),
+                    ));
+                }
+                match &self.scenario {
+                    Scenario::Script(s) => {
+                        append.push_str(&format!(" vr.cmd={}", base64(s.as_bytes())))
+                    }
+                    Scenario::Named(n) => append.push_str(&format!(" vr.scenario={n}")),
+                }
+                append.push_str(" reboot=t");
+                (
+                    artifacts.inner_vmlinux.clone(),
+                    artifacts.inner_initramfs.clone(),
+                )
+            }
+        };
+        if !self.append.is_empty() {
+            append.push(' ');
+            append.push_str(&self.append);
+        }
+        // run-kvm-host.sh adds about 100 bytes of its own options.
+        if append.len() + 128 > CMDLINE_MAX {
+            return Err(HarnessError::Setup(format!(
+                "{}: kernel command line too long ({} bytes); ship a named scenario instead",
+                self.name,
+                append.len()
+            )));
+        }
+
+        let console_path = dir.join("console.log");
+        let qemu_log_path = dir.join("qemu.log");
+        File::create(&console_path)?;
+        let qemu_log = File::create(&qemu_log_path)?;
+        let dir_str = dir.to_string_lossy();
+        let mut cmd = Command::new("bash");
+        cmd.arg(images_dir().join("run-kvm-host.sh"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--serial-log")
+            .arg(&console_path)
+            .args(["--mem", &self.memory, "--smp", &self.smp.to_string()])
+            .args(["--modules", &self.modules.join(",")])
+            .args(["--append", &append])
+            .env("VR_TSC_KHZ", artifacts.tsc_khz.to_string());
+        if self.memfd {
+            cmd.arg("--memfd");
+        }
+        cmd.arg("--")
+            .args(self.qemu_args.iter().map(|a| a.replace("{dir}", &dir_str)))
+            .stdin(Stdio::null())
+            .stdout(qemu_log.try_clone()?)
+            .stderr(qemu_log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory of the parent; it makes the kernel kill QEMU if the test
+        // thread dies without running our Drop (the script execs QEMU, and
+        // the setting survives exec).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| HarnessError::Setup(format!("cannot start run-kvm-host.sh: {e}")))?;
+        Ok(RunningVm {
+            name: self.name.clone(),
+            child: Some(child),
+            dir,
+            _tempdir: tempdir,
+            console_path,
+            qemu_log_path,
+            started: Instant::now(),
+            timeout: self.timeout,
+        })
+    }
+
+    fn make_host_initramfs(
+        &self,
+        artifacts: &Artifacts,
+        dir: &Path,
+        script: &str,
+        out: &Path,
+    ) -> Result<(), HarnessError> {
+        let scenario = dir.join("scenario.sh");
+        std::fs::write(&scenario, script)?;
+        let mut cmd = Command::new("bash");
+        cmd.arg(images_dir().join("make-host-initramfs.sh"))
+            .arg("-o")
+            .arg(out)
+            .arg("-s")
+            .arg(&scenario)
+            .arg("--inner-kernel")
+            .arg(&artifacts.inner_vmlinux)
+            .arg("--inner-initramfs")
+            .arg(&artifacts.inner_initramfs)
+            .arg("--host-kernel-dir")
+            .arg(&artifacts.host_kernel_dir)
+            .arg("--tools-dir")
+            .arg(&artifacts.tools_dir)
+            .env("TMPDIR", dir);
+        for b in &self.binaries {
+            cmd.arg("-b").arg(b);
+        }
+        for (src, dest) in &self.files {
+            cmd.arg("-f").arg(format!("{}:{dest}", src.display()));
+        }
+        let out = cmd.stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(HarnessError::Build {
+                what: format!("{}: KVM host initramfs", self.name),
+                log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A QEMU process that is killed (by PID) and reaped when this is dropped;
+/// a temporary working directory is removed then too.
+#[derive(Debug)]
+pub struct RunningVm {
+    name: String,
+    child: Option<Child>,
+    dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+    console_path: PathBuf,
+    qemu_log_path: PathBuf,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl RunningVm {
+    /// QEMU's process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The run's working directory (console log, initramfs, sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the serial console log.
+    pub fn console_path(&self) -> &Path {
+        &self.console_path
+    }
+
+    /// The serial console so far.
+    pub fn console(&self) -> String {
+        read_lossy(&self.console_path)
+    }
+
+    /// The results printed so far.
+    pub fn report(&self) -> ConsoleReport {
+        parse_console(&self.console())
+    }
+
+    /// Polls (bounded by `limit`) until a `VRTEST` result named `name` appears;
+    /// returns false on timeout or when QEMU has exited.
+    pub fn wait_for_result(&mut self, name: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.report().results.contains_key(name) {
+                return true;
+            }
+            if self.exited() {
+                return self.report().results.contains_key(name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// Waits until the guest prints `VRTEST-DONE` (then up to 10 s more for
+    /// QEMU to exit) or QEMU exits, bounded by the run's time limit counted
+    /// from the start. Does not judge the results: see [`RunOutcome::check`].
+    /// With `VR_SHOW_CONSOLE` set, prints the whole console to stderr.
+    pub fn wait(mut self) -> Result<RunOutcome, HarnessError> {
+        let deadline = self.started + self.timeout;
+        let mut done_at: Option<Instant> = None;
+        let status: Option<ExitStatus> = loop {
+            let child = self.child.as_mut().expect("child present until drop");
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            let now = Instant::now();
+            if done_at.is_none() && parse_console(&self.console()).is_done() {
+                done_at = Some(now);
+            }
+            match done_at {
+                Some(t) if now.duration_since(t) > EXIT_GRACE => break None,
+                None if now > deadline => {
+                    self.kill();
+                    return Err(HarnessError::Timeout {
+                        name: self.name.clone(),
+                        after: self.timeout,
+                        console: self.console(),
+                        qemu_log: read_lossy(&self.qemu_log_path),
+                    });
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.kill();
+        let console = self.console();
+        let qemu_log = read_lossy(&self.qemu_log_path);
+        let report = parse_console(&console);
+        if !report.is_done() {
+            return Err(HarnessError::QemuExited {
+                name: self.name.clone(),
+                status: status.map_or("killed".to_string(), |s| s.to_string()),
+                console,
+                qemu_log,
+            });
+        }
+        let elapsed = self.started.elapsed();
+        if std::env::var_os("VR_SHOW_CONSOLE").is_some() {
+            eprintln!(
+                "---- {}: serial console ----\n{console}\n---- end ----",
+                self.name
+            );
+        }
+        eprintln!(
+            "[vsock-integration] {}: finished in {:.1} s",
+            self.name,
+            elapsed.as_secs_f64()
+        );
+        Ok(RunOutcome {
+            name: self.name.clone(),
+            report,
+            console,
+            qemu_log,
+            exit: status,
+            elapsed,
+        })
+    }
+
+    /// Kills QEMU (SIGKILL to its PID) and reaps it; idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A finished run: the parsed results and the raw logs.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// Name of the run.
+    pub name: String,
+    /// Parsed `VRTEST` lines.
+    pub report: ConsoleReport,
+    /// Full serial console.
+    pub console: String,
+    /// QEMU's own stdout/stderr.
+    pub qemu_log: String,
+    /// QEMU's exit status (`None` if it had to be killed after `VRTEST-DONE`).
+    pub exit: Option<ExitStatus>,
+    /// From QEMU's start to its exit.
+    pub elapsed: Duration,
+}
+
+impl RunOutcome {
+    /// Ok when every name in `required` is PASS, nothing FAILed, no line was
+    /// malformed and the scenario exited 0; else
+    /// [`HarnessError::ChecksFailed`] with the console log.
+    pub fn check(&self, required: &[&str]) -> Result<(), HarnessError> {
+        let problems = self.report.problems(required);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(HarnessError::ChecksFailed {
+            name: self.name.clone(),
+            problems,
+            console: self.console.clone(),
+            qemu_log: self.qemu_log.clone(),
+        })
+    }
+
+    /// Detail text of the check `name` (empty string if it had none).
+    pub fn detail(&self, name: &str) -> Option<&str> {
+        self.report.results.get(name).map(|r| r.detail.as_str())
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Standard base64 with padding (what busybox `base64 -d` reads).
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in cases {
+            assert_eq!(base64(plain.as_bytes()), encoded);
+        }
+    }
+}

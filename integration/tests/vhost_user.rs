@@ -1,0 +1,161 @@
+//! The uplink topology's lower half: the TCG "KVM host" gets a virtio-vsock
+//! device from QEMU's `vhost-user-vsock-device`, served on the machine by
+//! rust-vmm's vhost-device-vsock over Unix sockets only (`uds-path`; no
+//! AF_VSOCK on the machine). The KVM host's `/dev/vsock` is then a real
+//! parent `/dev/vsock` for vsock-vmm's G2H uplink.
+//!
+//! The first run builds vhost-device-vsock from crates.io (a few minutes,
+//! cached). Run alone: `cargo test -p vsock-integration --test vhost_user -- --nocapture`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vsock_integration::{artifacts_or_skip, start_vhost_user_vsock, GuestRun};
+
+const LEN: usize = 1 << 20;
+
+/// Same bytes as `vr_pattern_file` in the guests.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("{i}\n").as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Accepts one connection (bounded wait) and reads it to EOF.
+fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u8>, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + limit;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(format!("no connection within {} s", limit.as_secs()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data).map_err(|e| e.to_string())?;
+    Ok(data)
+}
+
+/// Hybrid-vsock host → guest: `CONNECT port`, wait for `OK`, send, close.
+/// Retries (bounded) while the guest is not listening yet.
+fn connect_and_send(uds: &Path, port: u32, data: &[u8], limit: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + limit;
+    let mut last_err = String::new();
+    while Instant::now() < deadline {
+        let attempt = || -> Result<String, String> {
+            let mut s = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .map_err(|e| format!("write CONNECT: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(&s)
+                .read_line(&mut line)
+                .map_err(|e| format!("read OK: {e}"))?;
+            if !line.starts_with("OK ") {
+                return Err(format!("no OK line (got {line:?})"));
+            }
+            s.write_all(data).map_err(|e| format!("write data: {e}"))?;
+            s.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            // Wait until the guest has everything and closes its side.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            Ok(line.trim().to_string())
+        };
+        match attempt() {
+            Ok(ok) => return Ok(ok),
+            Err(e) => last_err = e,
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(format!("gave up after {} s: {last_err}", limit.as_secs()))
+}
+
+#[test]
+fn kvm_host_vsock_through_vhost_user_backend() {
+    let name = "kvm_host_vsock_through_vhost_user_backend";
+    let Some(artifacts) = artifacts_or_skip(name) else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("vr-vhost-user.")
+        .tempdir()
+        .unwrap();
+    let vhost_socket = dir.path().join("vhu.sock");
+    let uds = dir.path().join("vm.vsock");
+    let backend = start_vhost_user_vsock(3, &vhost_socket, &uds).unwrap();
+    let g2h_listener = UnixListener::bind(dir.path().join("vm.vsock_5000")).unwrap();
+
+    let scenario = r#"
+vr_check kvm-host-dev-vsock test -c /dev/vsock
+sum="$(vr_pattern_file /tmp/d 1048576)"
+vr_check g2h-send socat -u FILE:/tmp/d VSOCK-CONNECT:2:5000
+if timeout 60 socat -u VSOCK-LISTEN:5001 CREATE:/tmp/back; then
+	vr_expect_eq h2g-receive "$sum" "$(vr_sha256 /tmp/back)"
+else
+	vr_fail h2g-receive "socat VSOCK-LISTEN:5001 failed"
+fi
+"#;
+    let vm = GuestRun::kvm_host(scenario)
+        .name(name)
+        .modules(&["kvm", "vsock"])
+        .memfd(true)
+        .workdir(dir.path())
+        .qemu_args([
+            "-chardev",
+            "socket,id=vu0,path={dir}/vhu.sock",
+            "-device",
+            "vhost-user-vsock-device,chardev=vu0",
+        ])
+        .spawn(artifacts)
+        .unwrap();
+
+    let want = pattern(LEN);
+    let g2h = accept_and_read(&g2h_listener, Duration::from_secs(90));
+    let h2g = connect_and_send(&uds, 5001, &want, Duration::from_secs(60));
+    let outcome = vm.wait().unwrap();
+    let backend_log = backend.log();
+    drop(backend);
+    outcome
+        .check(&[
+            "host-modules-vsock",
+            "kvm-host-dev-vsock",
+            "g2h-send",
+            "h2g-receive",
+        ])
+        .unwrap_or_else(|e| panic!("{e}\n---- vhost-device-vsock log ----\n{backend_log}"));
+    let got = g2h.unwrap_or_else(|e| panic!("guest -> host: {e}\n{}", outcome.console));
+    assert_eq!(got.len(), LEN, "guest -> host length");
+    assert_eq!(sha256_hex(&got), sha256_hex(&want), "guest -> host content");
+    let ok = h2g.unwrap_or_else(|e| panic!("host -> guest: {e}\n{}", outcome.console));
+    eprintln!(
+        "host -> guest handshake: {ok}; wall time {:.1} s",
+        outcome.elapsed.as_secs_f64()
+    );
+}
