@@ -180,7 +180,7 @@ impl DriverQueue {
     /// Returns the descriptors of the chain at `head` to the free list.
     fn release(&mut self, head: u16) {
         if let Some(ids) = self.chains.get_mut(head as usize) {
-            self.free.extend(ids.drain(..));
+            self.free.append(ids);
         }
     }
 

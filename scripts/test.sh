@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test of the project: unit and scenario tests of the library, the VMM's tests
+# (KVM tests with tiny guests on /dev/kvm), and the integration tests that boot real Linux
+# guests inside a QEMU (TCG) KVM host. Installs what it needs from Debian's archive; the guest
+# images are built once and cached in ~/.cache/vsock-router.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# AF_VSOCK is never opened on this machine: the library refuses to create one while this is set.
+export VSOCK_ROUTER_FORBID_AF_VSOCK=1
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found: install a stable Rust toolchain (1.85 or newer) first" >&2
+    exit 1
+fi
+
+# Guest images (kernel, initramfs, KVM host) and their apt dependencies: built once, cached.
+if [ "${VR_INTEGRATION:-}" != skip ]; then
+    bash integration/images/build-all.sh >/dev/null
+fi
+
+cargo test --workspace --no-fail-fast "$@"
