@@ -31,6 +31,9 @@ pub struct Outgoing<S> {
     /// Whether the connect already completed (otherwise the device waits for writability and
     /// checks `SO_ERROR`).
     pub connected: bool,
+    /// Whether the peer must answer `OK <port>\n` before the guest is told the connection is
+    /// up (a sibling VMM answers only once its guest accepted).
+    pub await_ok: bool,
     /// How the connection was routed.
     pub route: RouteInfo,
 }

@@ -165,6 +165,10 @@ pub struct Connection<S> {
     local_shutdown: u32,
     host_write_shut: bool,
     host_eof: bool,
+    // Guest-initiated connects: whether the connect completed, and whether the peer's
+    // `OK <port>\n` is still awaited.
+    connect_done: bool,
+    await_ok: bool,
     // Host-initiated handshakes: bytes owed to the guest before the stream's own bytes, and the
     // reply owed to the host client once the guest accepts.
     prefix: Vec<u8>,
@@ -198,6 +202,8 @@ impl<S: VsockStream> Connection<S> {
             local_shutdown: 0,
             host_write_shut: false,
             host_eof: false,
+            connect_done: false,
+            await_ok: false,
             prefix: Vec::new(),
             prefix_pos: 0,
             accept_reply: None,
@@ -208,11 +214,13 @@ impl<S: VsockStream> Connection<S> {
     }
 
     /// A guest-initiated connection whose host-side connect was started. `req` is the guest's
-    /// REQUEST; `connected` says whether the connect already completed.
+    /// REQUEST; `connected` says whether the connect already completed; `await_ok` whether the
+    /// peer must answer `OK <port>\n` before the guest gets its RESPONSE.
     pub fn guest_initiated(
         stream: S,
         req: &Header,
         connected: bool,
+        await_ok: bool,
         cfg: CsmConfig,
         now: Instant,
     ) -> Self {
@@ -224,7 +232,9 @@ impl<S: VsockStream> Connection<S> {
         };
         let mut c = Self::new(stream, addr, cfg, State::Connecting);
         c.update_peer_credit(req);
-        if connected {
+        c.connect_done = connected;
+        c.await_ok = await_ok;
+        if connected && !await_ok {
             c.established();
         } else {
             c.deadline = Some(now + cfg.connect_timeout);
@@ -325,8 +335,8 @@ impl<S: VsockStream> Connection<S> {
     pub fn interest(&self) -> Interest {
         match self.state {
             State::Connecting => Interest {
-                read: false,
-                write: true,
+                read: self.connect_done,
+                write: !self.connect_done,
             },
             State::Established => Interest {
                 read: self.pending & pending::RW == 0
@@ -474,11 +484,18 @@ impl<S: VsockStream> Connection<S> {
     pub fn on_stream_ready(&mut self, readable: bool, writable: bool, error: bool, now: Instant) {
         match self.state {
             State::Connecting => {
-                if writable || error {
+                if !self.connect_done && (writable || error) {
                     match self.stream.connect_result() {
-                        Ok(()) if !error => self.established(),
+                        Ok(()) if !error => {
+                            self.connect_done = true;
+                            if !self.await_ok {
+                                self.established();
+                            }
+                        }
                         _ => self.kill(KillReason::ConnectFailed, true),
                     }
+                } else if self.connect_done && (readable || error) {
+                    self.read_ok_line();
                 }
             }
             State::Established => {
@@ -495,6 +512,35 @@ impl<S: VsockStream> Connection<S> {
             }
             State::LocalInit | State::Killed => {}
         }
+    }
+
+    /// Reads the peer's `OK <port>\n` without consuming any byte after it. Anything else — a
+    /// close, garbage, a line too long — means the peer refused.
+    fn read_ok_line(&mut self) {
+        const MAX: usize = 32;
+        let mut buf = [0u8; MAX];
+        let n = match self.stream.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => 0,
+        };
+        let Some(end) = buf[..n].iter().position(|&b| b == b'\n') else {
+            if n == 0 || n == MAX {
+                self.kill(KillReason::ConnectFailed, true);
+            }
+            return;
+        };
+        let line = &buf[..end];
+        let ok = line.len() > 3
+            && line.starts_with(b"OK ")
+            && line[3..].iter().all(u8::is_ascii_digit)
+            && line.len() <= 3 + 10;
+        let mut sink = [0u8; MAX];
+        if !ok || self.stream.recv_bytes(&mut sink[..=end]).ok() != Some(end + 1) {
+            self.kill(KillReason::ConnectFailed, true);
+            return;
+        }
+        self.established();
     }
 
     /// Reacts to the deadline having passed.

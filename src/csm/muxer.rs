@@ -208,7 +208,14 @@ impl<B: Backend> Muxer<B> {
                     Path::Uplink => &self.counters.path_uplink,
                 };
                 Counters::inc(c);
-                let conn = Connection::guest_initiated(out.stream, h, out.connected, self.cfg, now);
+                let conn = Connection::guest_initiated(
+                    out.stream,
+                    h,
+                    out.connected,
+                    out.await_ok,
+                    self.cfg,
+                    now,
+                );
                 self.insert(poller, conn, out.route, true, false, now);
             }
             Err(Refusal::NoRoute) => {

@@ -40,6 +40,34 @@ pub trait VsockStream: AsRawFd + Send {
         cvt(n)
     }
 
+    /// Copies up to `buf.len()` waiting bytes without consuming them (`MSG_PEEK`).
+    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        cvt(n)
+    }
+
+    /// Consumes up to `buf.len()` bytes into `buf` (`recv(2)`).
+    fn recv_bytes(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        cvt(n)
+    }
+
     /// Shuts the write side (`shutdown(SHUT_WR)`): the peer reads end of stream.
     fn shutdown_write(&mut self) -> io::Result<()> {
         // SAFETY: plain syscall on an fd we own.

@@ -8,4 +8,4 @@ pub mod virtio;
 pub mod vsock;
 pub mod worker;
 
-pub use vsock::{DeviceConfig, VsockDevice};
+pub use vsock::{DeviceConfig, DeviceHandle, VsockDevice};

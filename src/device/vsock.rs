@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -59,6 +59,39 @@ struct Running<B: Backend> {
     thread: JoinHandle<io::Result<B>>,
 }
 
+/// A cheap, cloneable, thread-safe view of a device for the VMM's API thread: counters and live
+/// connections. It never blocks the device's data path: a connection snapshot is one message
+/// to the device thread, answered between two batches of work.
+#[derive(Clone)]
+pub struct DeviceHandle {
+    counters: Arc<Counters>,
+    control: Arc<Mutex<Option<Arc<Control>>>>,
+}
+
+impl DeviceHandle {
+    /// The device's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// A snapshot of the live connections (empty while the device is not running).
+    pub fn connections(&self) -> Vec<ConnInfo> {
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(control) = control else {
+            return Vec::new();
+        };
+        let (tx, rx) = mpsc::channel();
+        if control.send(ControlMsg::Connections(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default()
+    }
+}
+
 /// A virtio-vsock device whose host side is the backend `B`.
 ///
 /// Once activated, the device runs on its own thread (see [`super::worker`]); the transport
@@ -70,6 +103,7 @@ pub struct VsockDevice<B: Backend + 'static> {
     backend: Option<B>,
     running: Option<Running<B>>,
     counters: Arc<Counters>,
+    published: Arc<Mutex<Option<Arc<Control>>>>,
 }
 
 impl<B: Backend + 'static> VsockDevice<B> {
@@ -82,6 +116,7 @@ impl<B: Backend + 'static> VsockDevice<B> {
             backend: Some(backend),
             running: None,
             counters: Arc::new(Counters::default()),
+            published: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -90,16 +125,17 @@ impl<B: Backend + 'static> VsockDevice<B> {
         self.counters.clone()
     }
 
+    /// A handle for other threads (the VMM's API).
+    pub fn handle(&self) -> DeviceHandle {
+        DeviceHandle {
+            counters: self.counters.clone(),
+            control: self.published.clone(),
+        }
+    }
+
     /// A snapshot of the live connections (empty while the device is not running).
     pub fn connections(&self) -> Vec<ConnInfo> {
-        let Some(r) = &self.running else {
-            return Vec::new();
-        };
-        let (tx, rx) = mpsc::channel();
-        if r.control.send(ControlMsg::Connections(tx)).is_err() {
-            return Vec::new();
-        }
-        rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default()
+        self.handle().connections()
     }
 
     /// Whether the device thread is running.
@@ -108,6 +144,7 @@ impl<B: Backend + 'static> VsockDevice<B> {
     }
 
     fn stop(&mut self) {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Some(r) = self.running.take() {
             let _ = r.control.send(ControlMsg::Stop);
             match r.thread.join() {
@@ -219,6 +256,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
             .name(format!("vsock-{}", self.cfg.guest_cid))
             .spawn(move || worker.run())
             .map_err(ActivateError::Worker)?;
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(control.clone());
         self.running = Some(Running { control, thread });
         Ok(())
     }

@@ -1,6 +1,12 @@
 //! Routing of new connections: which path a connection takes, and the runtime control of that
 //! policy.
 
+pub mod control;
+pub mod decide;
+
+pub use control::{Policy, VsockHandle};
+pub use decide::{decide, Decision, RefuseReason, RouteCtx};
+
 /// The path a connection took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Path {

@@ -130,6 +130,7 @@ impl Backend for PairBackend {
         Ok(Outgoing {
             stream: dev,
             connected: true,
+            await_ok: false,
             route: RouteInfo {
                 path: Path::Host,
                 to_host: false,
