@@ -42,23 +42,30 @@ pub struct VsockInfo {
     pub counters: VsockCounters,
 }
 
-/// One connection (`GET /api/v1/vsock/connections`).
+/// One connection (`GET /api/v1/vsock/connections`). "local" is the side the guest talks to
+/// (the host, a sibling or an uplink peer), "peer" is the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ConnectionInfo {
-    /// The guest's port.
-    pub guest_port: u32,
-    /// The peer's CID (2 = host).
+    /// The CID the guest talks to (2 = host).
+    pub local_cid: u64,
+    /// The port on that side (device-chosen for host-initiated connections).
+    pub local_port: u32,
+    /// The guest's CID.
     pub peer_cid: u64,
-    /// The peer's port.
+    /// The guest's port.
     pub peer_port: u32,
     /// Where the connection is routed: `host`, `sibling` or `uplink`.
     pub path: String,
-    /// The connection state (e.g. `connecting`, `established`, `closing`).
+    /// Whether the uplink was taken by fallback (the kernel's `VMADDR_FLAG_TO_HOST`).
+    pub to_host: bool,
+    /// Who opened it: `guest` or `host`.
+    pub initiator: String,
+    /// The connection state (`local_init`, `connecting`, `established`, `killed`).
     pub state: String,
-    /// Bytes guest → peer.
-    pub tx_bytes: u64,
-    /// Bytes peer → guest.
-    pub rx_bytes: u64,
+    /// Bytes guest → local side.
+    pub bytes_to_host: u64,
+    /// Bytes local side → guest.
+    pub bytes_to_guest: u64,
 }
 
 /// The API's view of the vsock device. Implemented by the vsock library's runtime handle.

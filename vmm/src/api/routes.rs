@@ -154,13 +154,16 @@ mod tests {
         }
         fn connections(&self) -> Vec<ConnectionInfo> {
             vec![ConnectionInfo {
-                guest_port: 1024,
-                peer_cid: 2,
-                peer_port: 52,
+                local_cid: 2,
+                local_port: 52,
+                peer_cid: 3,
+                peer_port: 1024,
                 path: "host".into(),
+                to_host: false,
+                initiator: "guest".into(),
                 state: "established".into(),
-                tx_bytes: 5,
-                rx_bytes: 7,
+                bytes_to_host: 5,
+                bytes_to_guest: 7,
             }]
         }
     }
