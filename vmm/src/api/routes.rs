@@ -253,7 +253,9 @@ mod tests {
         let (c, _) = ctx();
         let (s, v, _) = call(&c, "GET", CONNECTIONS, "");
         assert_eq!(s, 200);
-        assert_eq!(v[0]["peer_port"], 52);
+        assert_eq!(v[0]["local_port"], 52);
+        assert_eq!(v[0]["peer_port"], 1024);
+        assert_eq!(v[0]["to_host"], false);
         assert_eq!(v[0]["path"], "host");
     }
 
