@@ -1,4 +1,4 @@
-//! Routing and handlers. Every route is in `api.yaml`, and a test checks both ways.
+//! Routing and handlers. Every route is in `docs/api.yaml`, and a test checks both ways.
 
 use std::sync::Arc;
 

@@ -1,0 +1,239 @@
+//! A hostile guest at the queue level: broken descriptor chains and rings. Each case checks that
+//! the chain is returned (or the queue refused) and counted, that nothing is answered, and that
+//! the device keeps serving a well-behaved connection afterwards.
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+use vsock_router::device::packet::{op, sock_type, Header, HEADER_LEN};
+use vsock_router::device::{DeviceConfig, VsockDevice};
+use vsock_router::sim::{PairBackend, PairHost, RawDesc, SimGuest, REGION_SPLIT};
+
+const T: Duration = Duration::from_secs(10);
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+fn setup() -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
+    let (backend, host) = PairBackend::new();
+    let (g, dev) = SimGuest::with_device(DeviceConfig::new(3), backend);
+    (g, dev, host)
+}
+
+fn rw_header() -> [u8; HEADER_LEN] {
+    Header {
+        src_cid: 3,
+        dst_cid: 2,
+        src_port: 40,
+        dst_port: 1,
+        len: 0,
+        type_: sock_type::STREAM,
+        op: op::REQUEST,
+        flags: 0,
+        buf_alloc: 4096,
+        fwd_cnt: 0,
+    }
+    .encode()
+}
+
+/// Writes the descriptors `descs` (their `next` fields index into `descs`) into free table
+/// slots, publishes the first as a chain head and kicks TX.
+fn post_raw(g: &mut SimGuest, descs: &[RawDesc]) {
+    let ids = g.txq.take_descs(descs.len()).expect("free descriptors");
+    let m = g.mem.clone();
+    for (k, d) in descs.iter().enumerate() {
+        let mut d = *d;
+        if d.flags & F_NEXT != 0 && (d.next as usize) < ids.len() {
+            d.next = ids[d.next as usize];
+        }
+        g.txq.write_desc(&m, ids[k], d);
+    }
+    g.txq.track(ids[0], &ids);
+    g.txq.publish(&m, ids[0]);
+    g.kick(1);
+}
+
+/// The device still serves a normal connection.
+fn still_works(g: &mut SimGuest, host: &PairHost) {
+    let port = g.connect(2, 4242).expect("connect after abuse");
+    let (_, mut s) = host.accept(T).expect("host side");
+    g.send(port, b"alive", T).unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"alive");
+}
+
+fn expect_malformed(g: &mut SimGuest, dev: &VsockDevice<PairBackend>, n: u64) {
+    let c = dev.counters();
+    assert!(
+        g.pump_until(T, |_| c.malformed_chains.load(Ordering::Relaxed) >= n),
+        "malformed count {} < {n}",
+        c.malformed_chains.load(Ordering::Relaxed)
+    );
+    g.pump_until(T, |g| g.txq.free_descs() == 256);
+    assert_eq!(g.txq.free_descs(), 256, "every chain came back");
+}
+
+#[test]
+fn descriptor_loop_next_out_of_range_and_bad_addresses() {
+    let (mut g, dev, host) = setup();
+    let hdr = rw_header();
+    g.mem.write_slice(&hdr, GuestAddress(0x40_0000)).unwrap();
+    // A loop: 0 → 1 → 0.
+    post_raw(
+        &mut g,
+        &[
+            RawDesc {
+                addr: 0x40_0000,
+                len: 44,
+                flags: F_NEXT,
+                next: 1,
+            },
+            RawDesc {
+                addr: 0x40_1000,
+                len: 8,
+                flags: F_NEXT,
+                next: 0,
+            },
+        ],
+    );
+    // next beyond the table.
+    post_raw(
+        &mut g,
+        &[RawDesc {
+            addr: 0x40_0000,
+            len: 44,
+            flags: F_NEXT,
+            next: 999,
+        }],
+    );
+    // Buffers outside guest memory, wrapping the address space, and huge.
+    post_raw(
+        &mut g,
+        &[RawDesc {
+            addr: 1 << 40,
+            len: 44,
+            flags: 0,
+            next: 0,
+        }],
+    );
+    post_raw(
+        &mut g,
+        &[RawDesc {
+            addr: u64::MAX - 10,
+            len: 44,
+            flags: 0,
+            next: 0,
+        }],
+    );
+    post_raw(
+        &mut g,
+        &[RawDesc {
+            addr: 0x40_0000,
+            len: u32::MAX,
+            flags: 0,
+            next: 0,
+        }],
+    );
+    // An indirect descriptor, never offered.
+    post_raw(
+        &mut g,
+        &[RawDesc {
+            addr: 0x40_0000,
+            len: 64,
+            flags: F_INDIRECT,
+            next: 0,
+        }],
+    );
+    // Zero-length descriptors only: shorter than a header.
+    post_raw(
+        &mut g,
+        &[
+            RawDesc {
+                addr: 0x40_0000,
+                len: 0,
+                flags: F_NEXT,
+                next: 1,
+            },
+            RawDesc {
+                addr: 0x40_0000,
+                len: 0,
+                flags: 0,
+                next: 0,
+            },
+        ],
+    );
+    // A device-writable descriptor in the middle of a TX chain.
+    post_raw(
+        &mut g,
+        &[
+            RawDesc {
+                addr: 0x40_0000,
+                len: 44,
+                flags: F_NEXT,
+                next: 1,
+            },
+            RawDesc {
+                addr: 0x40_1000,
+                len: 8,
+                flags: F_WRITE,
+                next: 0,
+            },
+        ],
+    );
+    expect_malformed(&mut g, &dev, 8);
+    assert!(g.received.is_empty(), "malformed chains are not answered");
+    assert_eq!(host.connects(), 0);
+    still_works(&mut g, &host);
+}
+
+#[test]
+fn header_split_in_every_way_and_straddling_regions_work() {
+    let (mut g, dev, host) = setup();
+    // The header cut at every byte, with the REQUEST's header straddling the region boundary.
+    let hdr = rw_header();
+    for cut in 1..HEADER_LEN as u64 {
+        let base = REGION_SPLIT - cut;
+        let mut h = Header::decode(&hdr);
+        h.src_port = 100 + cut as u32;
+        g.mem.write_slice(&h.encode(), GuestAddress(base)).unwrap();
+        post_raw(
+            &mut g,
+            &[
+                RawDesc {
+                    addr: base,
+                    len: cut as u32,
+                    flags: F_NEXT,
+                    next: 1,
+                },
+                RawDesc {
+                    addr: base + cut,
+                    len: 44 - cut as u32,
+                    flags: 0,
+                    next: 0,
+                },
+            ],
+        );
+        let (_, _s) = host
+            .accept(T)
+            .unwrap_or_else(|| panic!("cut {cut}: REQUEST not seen"));
+    }
+    assert_eq!(dev.counters().malformed_chains.load(Ordering::Relaxed), 0);
+    g.pump_until(T, |g| {
+        g.received.iter().filter(|h| h.op == op::RESPONSE).count() == 43
+    });
+}
+
+#[test]
+fn avail_index_running_ahead_is_refused_without_harm() {
+    let (mut g, dev, _host) = setup();
+    let m = g.mem.clone();
+    g.txq.force_avail_idx(&m, 1000);
+    g.kick(1);
+    let c = dev.counters();
+    assert!(g.pump_until(T, |_| c.bad_avail_idx.load(Ordering::Relaxed) >= 1));
+    assert!(dev.is_active(), "the device thread is still running");
+    assert!(dev.connections().is_empty(), "and still answers");
+}
