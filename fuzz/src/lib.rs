@@ -80,14 +80,13 @@ pub fn api(data: &[u8]) {
         "undocumented status {}",
         resp.status
     );
-    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n");
-    let line = head_end.map(|_| {
-        let end = raw.iter().position(|&b| b == b'\n').unwrap_or(raw.len());
-        String::from_utf8_lossy(&raw[..end]).into_owned()
-    });
+    // The request line (httparse also ends lines and the head with a bare LF).
+    let start = raw.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(raw.len());
+    let rest = &raw[start..];
+    let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    let line = String::from_utf8_lossy(&rest[..end]);
     if action == Action::Shutdown {
         assert_eq!(resp.status, 204, "shutdown with status {}", resp.status);
-        let line = line.as_deref().expect("shutdown without a complete head");
         assert!(
             line.starts_with("PUT ") && line.contains(SHUTDOWN),
             "shutdown from {line:?}"
@@ -110,7 +109,6 @@ pub fn api(data: &[u8]) {
     }
     if resp.status == 200 {
         // Only the GET routes answer 200.
-        let line = line.as_deref().expect("200 without a complete head");
         assert!(line.starts_with("GET "), "200 for {line:?}");
         assert!([PING, VSOCK, CONNECTIONS].iter().any(|p| line.contains(p)));
     }
