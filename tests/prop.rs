@@ -1,0 +1,554 @@
+//! Property tests of the device core: random interleavings of reads, writes and half-closes on a
+//! few connections between the simulated guest and the host ends of Unix socket pairs, with
+//! small host socket buffers, small device buffers and random TX descriptor layouts.
+//!
+//! Properties checked for every case:
+//! - no byte is lost, duplicated or reordered in either direction (each stream's bytes depend on
+//!   their position, and the full sequences are compared after a bounded drain);
+//! - the device never sends the guest more than its advertised credit, nor RW after its
+//!   SHUTDOWN(SEND) (`SimGuest::violations` stays empty);
+//! - the host reads EOF only after the guest's SHUTDOWN(SEND) and after every byte the guest sent;
+//!   the guest sees SHUTDOWN(SEND) only after the host's `shutdown(Write)` and after every byte
+//!   the host wrote; both always arrive;
+//! - no connection is reset while both sides behave, the device's byte counters agree, the
+//!   device thread stays alive, and `close()` still ends every connection with an RST.
+//!
+//! Cases are generated from a fixed seed (`PROP_SEED=<u64>` picks another); the device thread's
+//! timing is not, so a failure reproduces with its printed minimal case most of the time, not
+//! always. Every wait is bounded.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed, TestCaseError};
+use vsock_router::device::packet::shutdown;
+use vsock_router::device::{DeviceConfig, VsockDevice};
+use vsock_router::sim::{PairBackend, PairHost, SimGuest, SockState, TxLayout};
+
+const GUEST: u64 = 3;
+/// Bound of every single wait (connect, accept, handshake reply, close).
+const T: Duration = Duration::from_secs(5);
+/// Bound of the final drain.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// Byte `i` of the stream salted with `salt`: position-dependent, so a lost, duplicated or
+/// reordered chunk shows up as a mismatch.
+fn byte(salt: u64, i: usize) -> u8 {
+    let mut x = (i as u64) ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x >> 56) as u8
+}
+
+fn stream_bytes(salt: u64, from: usize, n: usize) -> Vec<u8> {
+    (from..from + n).map(|i| byte(salt, i)).collect()
+}
+
+/// Checks `got` against the first `sent` bytes of stream `salt`.
+fn check_stream(what: &str, salt: u64, got: &[u8], sent: usize) -> Result<(), String> {
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != byte(salt, i)) {
+        return Err(format!(
+            "{what}: byte {i} of {} differs (sent {sent})",
+            got.len()
+        ));
+    }
+    if got.len() != sent {
+        return Err(format!("{what}: received {} of {sent} bytes", got.len()));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// The guest sends up to n bytes (never beyond the device's credit, like a non-blocking
+    /// socket).
+    GuestSend(usize, usize),
+    /// The host writes up to n bytes without blocking.
+    HostWrite(usize, usize),
+    /// The guest application reads up to n bytes.
+    GuestRecv(usize, usize),
+    /// The host reads up to n bytes without blocking.
+    HostRead(usize, usize),
+    /// The guest shuts its sending side (SHUTDOWN(SEND)).
+    GuestShutdownSend(usize),
+    /// The host shuts its writing side.
+    HostShutdownWrite(usize),
+    /// The guest waits up to n ms for an interrupt and handles used buffers.
+    Pump(u64),
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let c = 0usize..3;
+    prop_oneof![
+        8 => (c.clone(), 1usize..70_000).prop_map(|(c, n)| Op::GuestSend(c, n)),
+        8 => (c.clone(), 1usize..70_000).prop_map(|(c, n)| Op::HostWrite(c, n)),
+        6 => (c.clone(), 1usize..100_000).prop_map(|(c, n)| Op::GuestRecv(c, n)),
+        6 => (c.clone(), 1usize..100_000).prop_map(|(c, n)| Op::HostRead(c, n)),
+        1 => c.clone().prop_map(Op::GuestShutdownSend),
+        1 => c.prop_map(Op::HostShutdownWrite),
+        5 => (0u64..4).prop_map(Op::Pump),
+    ]
+}
+
+fn layout_strategy() -> impl Strategy<Value = TxLayout> {
+    prop_oneof![
+        Just(TxLayout::Linear),
+        Just(TxLayout::HeaderThenData),
+        prop::collection::vec(1u32..5000, 1..4).prop_map(TxLayout::Fragments),
+        (1u32..44).prop_map(TxLayout::SplitHeader),
+    ]
+}
+
+/// One generated case.
+#[derive(Clone, Debug)]
+struct Case {
+    /// The device's `buf_alloc` (guest → host credit).
+    dev_buf: u32,
+    /// The guest sockets' `buf_alloc` (host → guest credit).
+    guest_buf: u32,
+    /// Packets the device handles per queue per wake-up.
+    budget: usize,
+    layout: TxLayout,
+    /// One entry per connection: `None` guest-initiated, `Some(prefix_len)` host-initiated with
+    /// that many bytes sent along with the host's CONNECT. Prefixes stay below the smallest
+    /// guest `buf_alloc`: a longer one stalls (see
+    /// `handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update`).
+    conns: Vec<Option<usize>>,
+    ops: Vec<Op>,
+}
+
+fn case_strategy(max_conns: usize, host_initiated: bool) -> impl Strategy<Value = Case> {
+    let conn = if host_initiated {
+        prop_oneof![Just(None), (0usize..4096).prop_map(Some)].boxed()
+    } else {
+        Just(None).boxed()
+    };
+    (
+        4096u32..=65536,
+        prop_oneof![4096u32..=65536, Just(256 * 1024)],
+        prop_oneof![1usize..=4, Just(256)],
+        layout_strategy(),
+        prop::collection::vec(conn, 1..=max_conns),
+        prop::collection::vec(op_strategy(), 1..80),
+    )
+        .prop_map(|(dev_buf, guest_buf, budget, layout, conns, ops)| Case {
+            dev_buf,
+            guest_buf,
+            budget,
+            layout,
+            conns,
+            ops,
+        })
+}
+
+/// The test's view of one connection.
+struct Conn {
+    port: u32,
+    host: UnixStream,
+    guest_initiated: bool,
+    salt_up: u64,
+    salt_down: u64,
+    up_sent: usize,
+    up_got: Vec<u8>,
+    down_sent: usize,
+    down_got: Vec<u8>,
+    guest_shut: bool,
+    host_shut: bool,
+    host_eof: bool,
+}
+
+impl Conn {
+    /// Reads what the host socket has (at most `max` bytes), without blocking.
+    fn host_read(&mut self, max: usize) -> Result<(), String> {
+        let mut buf = vec![0u8; max.min(1 << 20)];
+        match self.host.read(&mut buf) {
+            Ok(0) => {
+                if !self.guest_shut {
+                    return Err(format!(
+                        "port {}: host read EOF but the guest never shut down",
+                        self.port
+                    ));
+                }
+                if self.up_got.len() != self.up_sent {
+                    return Err(format!(
+                        "port {}: host read EOF after {} of {} bytes",
+                        self.port,
+                        self.up_got.len(),
+                        self.up_sent
+                    ));
+                }
+                self.host_eof = true;
+            }
+            Ok(k) => {
+                if self.host_eof {
+                    return Err(format!("port {}: {k} bytes after EOF", self.port));
+                }
+                self.up_got.extend_from_slice(&buf[..k]);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("port {}: host read: {e}", self.port)),
+        }
+        Ok(())
+    }
+}
+
+fn setup(case: &Case) -> Result<(SimGuest, VsockDevice<PairBackend>, PairHost, Vec<Conn>), String> {
+    let mut cfg = DeviceConfig::new(GUEST);
+    cfg.csm.buf_alloc = case.dev_buf;
+    cfg.budget = case.budget;
+    // No connection may linger out during a case: a reset can only mean a bug.
+    cfg.csm.linger = Duration::from_secs(60);
+    let (backend, host) = PairBackend::new();
+    host.set_socket_buffers(4096);
+    let (mut g, dev) = SimGuest::with_device(cfg, backend);
+    g.layout = case.layout.clone();
+    g.buf_alloc = case.guest_buf;
+    let mut conns = Vec::new();
+    for (i, kind) in case.conns.iter().enumerate() {
+        let salt_up = 2 * i as u64 + 1;
+        let salt_down = 2 * i as u64 + 2;
+        let (port, mut s, down_sent) = match kind {
+            None => {
+                let port = g
+                    .connect(2, 7000 + i as u32)
+                    .map_err(|st| format!("connect {i}: {st:?}"))?;
+                let (_, s) = host.accept(T).ok_or(format!("host accept {i}"))?;
+                (port, s, 0)
+            }
+            Some(plen) => {
+                let gport = 5000 + i as u32;
+                g.listen(gport);
+                let s = host.connect(gport, &stream_bytes(salt_down, 0, *plen));
+                let port = g.accept(T).ok_or(format!("guest accept {i}"))?;
+                (port, s, *plen)
+            }
+        };
+        if kind.is_some() {
+            // The hybrid handshake answers "OK <port>\n" before any guest byte.
+            s.set_read_timeout(Some(T)).map_err(|e| e.to_string())?;
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while line.last() != Some(&b'\n') {
+                // The device writes the reply once it sees the guest's RESPONSE.
+                g.pump(Duration::ZERO);
+                match s.read(&mut b) {
+                    Ok(1) => line.push(b[0]),
+                    other => return Err(format!("OK line on conn {i}: {other:?} after {line:?}")),
+                }
+            }
+            if !line.starts_with(b"OK ") {
+                return Err(format!("bad accept reply {line:?}"));
+            }
+        }
+        s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        conns.push(Conn {
+            port,
+            host: s,
+            guest_initiated: kind.is_none(),
+            salt_up,
+            salt_down,
+            up_sent: 0,
+            up_got: Vec::new(),
+            down_sent,
+            down_got: Vec::new(),
+            guest_shut: false,
+            host_shut: false,
+            host_eof: false,
+        });
+    }
+    Ok((g, dev, host, conns))
+}
+
+/// Checks what the guest can see at any moment: no violation, no reset, and SHUTDOWN(SEND) from
+/// the device only after the host's shutdown and every byte it wrote.
+fn check_guest(g: &SimGuest, conns: &[Conn]) -> Result<(), String> {
+    if !g.violations.is_empty() {
+        return Err(format!("violations: {:?}", g.violations));
+    }
+    for c in conns {
+        let s = g
+            .socks
+            .get(&c.port)
+            .ok_or(format!("socket {} gone", c.port))?;
+        if s.state != SockState::Established {
+            return Err(format!("port {} is {:?}", c.port, s.state));
+        }
+        if s.peer_shutdown & shutdown::RCV != 0 {
+            return Err(format!("port {}: device sent SHUTDOWN(RCV)", c.port));
+        }
+        if s.peer_shutdown & shutdown::SEND != 0 {
+            if !c.host_shut {
+                return Err(format!(
+                    "port {}: SHUTDOWN(SEND) but the host never shut down",
+                    c.port
+                ));
+            }
+            let got = c.down_got.len() + s.rx.len();
+            if got != c.down_sent {
+                return Err(format!(
+                    "port {}: SHUTDOWN(SEND) after {got} of {} bytes",
+                    c.port, c.down_sent
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn apply(g: &mut SimGuest, conns: &mut [Conn], op: &Op) -> Result<(), String> {
+    let n_conns = conns.len();
+    match *op {
+        Op::GuestSend(i, n) => {
+            let c = &mut conns[i % n_conns];
+            if c.guest_shut {
+                return Ok(());
+            }
+            let credit = g.socks[&c.port].peer_credit() as usize;
+            let n = n.min(credit);
+            if n > 0 {
+                let data = stream_bytes(c.salt_up, c.up_sent, n);
+                g.send(c.port, &data, T)?;
+                c.up_sent += n;
+            }
+        }
+        Op::HostWrite(i, n) => {
+            let c = &mut conns[i % n_conns];
+            if c.host_shut {
+                return Ok(());
+            }
+            let data = stream_bytes(c.salt_down, c.down_sent, n);
+            match c.host.write(&data) {
+                Ok(k) => c.down_sent += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("port {}: host write: {e}", c.port)),
+            }
+        }
+        Op::GuestRecv(i, n) => {
+            let c = &mut conns[i % n_conns];
+            let got = g.recv(c.port, n);
+            c.down_got.extend(got);
+        }
+        Op::HostRead(i, n) => conns[i % n_conns].host_read(n)?,
+        Op::GuestShutdownSend(i) => {
+            let c = &mut conns[i % n_conns];
+            if !c.guest_shut {
+                c.guest_shut = true;
+                g.shutdown(c.port, shutdown::SEND);
+            }
+        }
+        Op::HostShutdownWrite(i) => {
+            let c = &mut conns[i % n_conns];
+            if !c.host_shut {
+                c.host_shut = true;
+                c.host
+                    .shutdown(Shutdown::Write)
+                    .map_err(|e| format!("host shutdown: {e}"))?;
+            }
+        }
+        Op::Pump(ms) => {
+            g.pump(Duration::from_millis(ms));
+        }
+    }
+    Ok(())
+}
+
+fn drained(g: &SimGuest, conns: &[Conn]) -> bool {
+    conns.iter().all(|c| {
+        let peer_sent_eof = g.socks[&c.port].peer_shutdown & shutdown::SEND != 0;
+        c.up_got.len() == c.up_sent
+            && c.down_got.len() == c.down_sent
+            && (!c.guest_shut || c.host_eof)
+            && (!c.host_shut || peer_sent_eof)
+    })
+}
+
+fn run_case(case: &Case) -> Result<(), String> {
+    let (mut g, dev, _host, mut conns) = setup(case)?;
+    for (k, op) in case.ops.iter().enumerate() {
+        apply(&mut g, &mut conns, op).map_err(|e| format!("op {k} {op:?}: {e}"))?;
+        check_guest(&g, &conns).map_err(|e| format!("after op {k} {op:?}: {e}"))?;
+    }
+    // Drain: both applications read everything, bounded in time.
+    let deadline = Instant::now() + DRAIN;
+    while !drained(&g, &conns) {
+        if Instant::now() >= deadline {
+            let st: Vec<String> = conns
+                .iter()
+                .map(|c| {
+                    format!(
+                        "port {}: up {}/{} down {}/{} guest_shut {} host_shut {} host_eof {} peer_shutdown {}",
+                        c.port,
+                        c.up_got.len(),
+                        c.up_sent,
+                        c.down_got.len(),
+                        c.down_sent,
+                        c.guest_shut,
+                        c.host_shut,
+                        c.host_eof,
+                        g.socks[&c.port].peer_shutdown
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "not drained after {DRAIN:?}: {st:?}; device: {:?}",
+                dev.connections()
+            ));
+        }
+        for c in conns.iter_mut() {
+            for _ in 0..64 {
+                let before = (c.up_got.len(), c.host_eof);
+                c.host_read(1 << 16)?;
+                if (c.up_got.len(), c.host_eof) == before {
+                    break;
+                }
+            }
+            let got = g.recv(c.port, usize::MAX);
+            c.down_got.extend(got);
+        }
+        check_guest(&g, &conns).map_err(|e| format!("drain: {e}"))?;
+        g.pump(Duration::from_millis(1));
+    }
+    for c in &conns {
+        check_stream(
+            &format!("guest → host on {}", c.port),
+            c.salt_up,
+            &c.up_got,
+            c.up_sent,
+        )?;
+        check_stream(
+            &format!("host → guest on {}", c.port),
+            c.salt_down,
+            &c.down_got,
+            c.down_sent,
+        )?;
+    }
+    // The device thread is alive and agrees on every connection.
+    let infos = dev.connections();
+    if infos.len() != conns.len() {
+        return Err(format!(
+            "device reports {} connections, expected {}: {infos:?}",
+            infos.len(),
+            conns.len()
+        ));
+    }
+    for c in &conns {
+        let info = infos
+            .iter()
+            .find(|i| i.peer_port == c.port)
+            .ok_or(format!("device lost port {}", c.port))?;
+        let want = (
+            "established",
+            c.guest_initiated,
+            c.up_sent as u64,
+            c.down_sent as u64,
+        );
+        let have = (
+            info.state,
+            info.guest_initiated,
+            info.bytes_to_host,
+            info.bytes_to_guest,
+        );
+        if have != want {
+            return Err(format!(
+                "port {}: device says {have:?}, want {want:?}",
+                c.port
+            ));
+        }
+    }
+    // close() still works: RST from the device, then the host reads EOF.
+    for c in conns.iter_mut() {
+        if !g.close(c.port, T) {
+            return Err(format!("port {}: no RST after close()", c.port));
+        }
+        c.host.set_nonblocking(false).map_err(|e| e.to_string())?;
+        c.host
+            .set_read_timeout(Some(T))
+            .map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1];
+        match c.host.read(&mut b) {
+            Ok(0) => {}
+            other => return Err(format!("port {}: host after close: {other:?}", c.port)),
+        }
+    }
+    let gone = g.pump_until(T, |_| dev.connections().is_empty());
+    if !gone {
+        return Err(format!("connections left: {:?}", dev.connections()));
+    }
+    if !g.violations.is_empty() {
+        return Err(format!("violations: {:?}", g.violations));
+    }
+    Ok(())
+}
+
+fn config(cases: u32) -> Config {
+    let seed = std::env::var("PROP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x7653_6f63_6b00_0001);
+    let cases = std::env::var("PROP_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(cases);
+    Config {
+        cases,
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: None,
+        max_shrink_iters: 256,
+        max_shrink_time: 60_000,
+        ..Config::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    #[test]
+    fn one_connection_loses_no_bytes_respects_credit_and_delivers_eof_after_shutdowns(
+        case in case_strategy(1, false)
+    ) {
+        run_case(&case).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    #[test]
+    fn several_connections_including_host_initiated_keep_their_streams_apart(
+        case in case_strategy(3, true)
+    ) {
+        run_case(&case).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Bug: a host-initiated connection whose handshake prefix (bytes the host client sent along
+/// with `CONNECT`) is longer than the guest's credit stalls once the credit is used up. After the
+/// guest's CREDIT_UPDATE the device only resumes reading when the host socket becomes readable
+/// (`Connection::interest` / epoll), but the rest of the prefix sits in `Connection::prefix`, not
+/// in the socket, so nothing sets `pending::RW` again. Found by the property test above with
+/// prefixes up to 10 000 bytes (minimal case: guest `buf_alloc` 4100, prefix 7376: the guest got
+/// 4100 bytes, then nothing).
+#[test]
+#[ignore = "bug: handshake prefix beyond guest credit is never resumed after CREDIT_UPDATE"]
+fn handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update() {
+    let (backend, host) = PairBackend::new();
+    let (mut g, _dev) = SimGuest::with_device(DeviceConfig::new(GUEST), backend);
+    g.buf_alloc = 4096;
+    g.listen(5000);
+    let prefix = stream_bytes(1, 0, 10_000);
+    // The host client sends nothing after its CONNECT line.
+    let _s = host.connect(5000, &prefix);
+    let port = g.accept(T).expect("accepted");
+    let got = g.recv_exact(port, prefix.len(), Duration::from_secs(2));
+    assert_eq!(
+        got.len(),
+        prefix.len(),
+        "prefix delivered only up to the first credit"
+    );
+    assert_eq!(got, prefix);
+    assert!(g.violations.is_empty(), "{:?}", g.violations);
+}
