@@ -119,11 +119,12 @@ struct Case {
     /// Packets the device handles per queue per wake-up.
     budget: usize,
     layout: TxLayout,
-    /// One entry per connection: `None` guest-initiated, `Some(prefix_len)` host-initiated with
-    /// that many bytes sent along with the host's CONNECT (capped at the guest's `buf_alloc`: a
-    /// longer prefix stalls, see
-    /// `handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update`).
-    conns: Vec<Option<usize>>,
+    /// One entry per connection: `None` guest-initiated, `Some((prefix, early))` host-initiated
+    /// with `prefix` bytes sent along with the host's CONNECT (capped at the guest's `buf_alloc`:
+    /// a longer prefix stalls, see
+    /// `handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update`) and `early`
+    /// bytes written to the host stream before the guest accepts.
+    conns: Vec<Option<(usize, usize)>>,
     ops: Vec<Op>,
     /// End with the guest's `close()` (SHUTDOWN(RCV|SEND)) right after the ops, while bytes may
     /// still wait in the device, instead of draining both ways first.
@@ -136,7 +137,7 @@ fn case_strategy(
     close_early: impl Strategy<Value = bool>,
 ) -> impl Strategy<Value = Case> {
     let conn = if host_initiated {
-        prop_oneof![Just(None), (0usize..4096).prop_map(Some)].boxed()
+        prop_oneof![Just(None), (0usize..4096, 0usize..2048).prop_map(Some)].boxed()
     } else {
         Just(None).boxed()
     };
@@ -248,13 +249,16 @@ fn setup(case: &Case) -> Result<(SimGuest, VsockDevice<PairBackend>, PairHost, V
                 let (_, s) = host.accept(T).ok_or(format!("host accept {i}"))?;
                 (port, s, 0)
             }
-            Some(plen) => {
-                let plen = &(*plen).min(case.guest_buf as usize);
+            Some((plen, early)) => {
+                let plen = (*plen).min(case.guest_buf as usize);
                 let gport = 5000 + i as u32;
                 g.listen(gport);
-                let s = host.connect(gport, &stream_bytes(salt_down, 0, *plen));
+                let mut s = host.connect(gport, &stream_bytes(salt_down, 0, plen));
+                // Bytes the client sends before the guest accepted: they follow the prefix.
+                s.write_all(&stream_bytes(salt_down, plen, *early))
+                    .map_err(|e| format!("early write: {e}"))?;
                 let port = g.accept(T).ok_or(format!("guest accept {i}"))?;
-                (port, s, *plen)
+                (port, s, plen + early)
             }
         };
         if kind.is_some() {
