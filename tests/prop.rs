@@ -764,7 +764,7 @@ proptest! {
     }
 }
 
-/// Bug: a host-initiated connection whose handshake prefix (bytes the host client sent along
+/// Regression (fixed): a host-initiated connection whose handshake prefix (bytes the host client sent along
 /// with `CONNECT`) is longer than the guest's credit stalls once the credit is used up. After the
 /// guest's CREDIT_UPDATE the device only resumes reading when the host socket becomes readable
 /// (`Connection::interest` / epoll), but the rest of the prefix sits in `Connection::prefix`, not
@@ -772,7 +772,6 @@ proptest! {
 /// prefixes up to 10 000 bytes (minimal case: guest `buf_alloc` 4100, prefix 7376: the guest got
 /// 4100 bytes, then nothing).
 #[test]
-#[ignore = "bug: handshake prefix beyond guest credit is never resumed after CREDIT_UPDATE"]
 fn handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update() {
     let (backend, host) = PairBackend::new();
     let (mut g, _dev) = SimGuest::with_device(DeviceConfig::new(GUEST), backend);
@@ -792,7 +791,7 @@ fn handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update() 
     assert!(g.violations.is_empty(), "{:?}", g.violations);
 }
 
-/// Bug: a host that hangs up with `shutdown(Both)` (keeping its fd open, so the bytes it never
+/// Regression (fixed): a host that hangs up with `shutdown(Both)` (keeping its fd open, so the bytes it never
 /// read stay queued) while guest bytes still wait in the device's buffer leaves the connection
 /// stuck. The device's socket reports EPOLLHUP (level-triggered, always reported) but never
 /// EPOLLOUT, so the buffered bytes are never flushed and the EPIPE that would reset the
@@ -801,7 +800,6 @@ fn handshake_prefix_longer_than_guest_credit_is_delivered_after_credit_update() 
 /// (protocol §6: hang-up/error → RST), one SHUTDOWN at most. Found by
 /// `host_hangup_delivers_written_bytes_then_eof_or_rst_and_device_survives`.
 #[test]
-#[ignore = "bug: host shutdown(Both) with guest bytes buffered in the device: no RST, SHUTDOWN storm"]
 fn host_hangup_with_guest_bytes_buffered_resets_once() {
     let mut cfg = DeviceConfig::new(GUEST);
     cfg.csm.buf_alloc = 64 * 1024;
