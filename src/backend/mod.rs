@@ -91,3 +91,13 @@ pub trait Backend: Send {
     /// When [`Backend::process`] must run again even without readiness.
     fn next_deadline(&self) -> Option<Instant>;
 }
+
+pub mod accept;
+pub mod handshake;
+pub mod host;
+pub mod stream;
+mod unix;
+
+pub use accept::{HandshakeServer, HandshakeStats, LineKind};
+pub use host::HostBackend;
+pub use stream::SockStream;
