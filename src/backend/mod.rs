@@ -101,3 +101,5 @@ mod unix;
 pub use accept::{HandshakeServer, HandshakeStats, LineKind};
 pub use host::HostBackend;
 pub use stream::SockStream;
+pub mod registry;
+pub use registry::{Registry, RegistryError};

@@ -78,7 +78,6 @@ mod tests {
 
         b.write_all(b"ping").unwrap();
         let n = s.read_iov(&iov).unwrap();
-        drop(iov);
         assert_eq!(&buf[..n], b"ping");
         s.shutdown_write().unwrap();
         let mut rest = Vec::new();
