@@ -103,3 +103,6 @@ pub use host::HostBackend;
 pub use stream::SockStream;
 pub mod registry;
 pub use registry::{Registry, RegistryError};
+pub mod uplink;
+pub mod vsock;
+pub use uplink::{Uplink, UplinkSpec, UplinkSpecError};
