@@ -4,6 +4,23 @@
 //! router, which decides the path of each new guest connection and hands it to the host Unix
 //! backend, the sibling registry or the G2H uplink; tests plug in socket pairs.
 
+pub mod accept;
+pub mod handshake;
+pub mod host;
+pub mod listen;
+pub mod registry;
+pub mod stream;
+mod unix;
+pub mod uplink;
+pub mod vsock;
+
+pub use accept::{HandshakeServer, HandshakeStats, LineKind};
+pub use host::HostBackend;
+pub use listen::ListenBackend;
+pub use registry::{Registry, RegistryError};
+pub use stream::SockStream;
+pub use uplink::{Uplink, UplinkSpec, UplinkSpecError};
+
 use std::os::fd::RawFd;
 use std::time::Instant;
 
@@ -91,18 +108,3 @@ pub trait Backend: Send {
     /// When [`Backend::process`] must run again even without readiness.
     fn next_deadline(&self) -> Option<Instant>;
 }
-
-pub mod accept;
-pub mod handshake;
-pub mod host;
-pub mod stream;
-mod unix;
-
-pub use accept::{HandshakeServer, HandshakeStats, LineKind};
-pub use host::HostBackend;
-pub use stream::SockStream;
-pub mod registry;
-pub use registry::{Registry, RegistryError};
-pub mod uplink;
-pub mod vsock;
-pub use uplink::{Uplink, UplinkSpec, UplinkSpecError};
