@@ -353,4 +353,36 @@ mod tests {
             }
         }
     }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+                let _ = parse_line(&bytes);
+                let _ = is_viable_prefix(&bytes);
+                if let Some(n) = find_line(&bytes) {
+                    prop_assert_eq!(bytes[n - 1], b'\n');
+                }
+            }
+
+            #[test]
+            fn valid_lines_round_trip(port: u32, cid: u32, src_port: u32, from: bool) {
+                let line = if from {
+                    Line::ConnectFrom { port, cid, src_port }
+                } else {
+                    Line::Connect { port }
+                };
+                let text = line.to_string();
+                prop_assert!(text.len() <= MAX_LINE);
+                prop_assert_eq!(parse_line(text.as_bytes()), Ok(line));
+                // Every proper prefix of a valid line is viable.
+                for i in 0..text.len() - 1 {
+                    prop_assert!(is_viable_prefix(&text.as_bytes()[..i]));
+                }
+            }
+        }
+    }
 }

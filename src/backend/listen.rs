@@ -53,17 +53,17 @@ impl ListenBackend {
                 format!("duplicate uplink listen port in {ports:?}"),
             ));
         }
-        if *spec == UplinkSpec::None && !ports.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "uplink listen ports need an uplink",
-            ));
-        }
         let epoll = Epoll::new()?;
         let mut listeners = Vec::with_capacity(ports.len());
         for (i, &port) in ports.iter().enumerate() {
+            // Ports without an uplink are refused below.
             let listener = match spec {
-                UplinkSpec::None => unreachable!("checked above: no ports without an uplink"),
+                UplinkSpec::None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "uplink listen ports need an uplink",
+                    ))
+                }
                 UplinkSpec::Unix(dir) => {
                     Listener::Unix(BoundSocket::bind(&dir.join(format!("listen_{port}")))?)
                 }

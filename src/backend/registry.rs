@@ -21,7 +21,7 @@ use std::fmt;
 use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,15 @@ impl Registry {
                 .mode(0o700)
                 .create(dir)
                 .map_err(io_err(dir))?;
+        }
+        if let Ok(m) = fs::metadata(dir) {
+            if m.permissions().mode() & 0o002 != 0 {
+                log::warn!(
+                    "CID registry {} is world-writable: any local user can claim or \
+                     impersonate CIDs",
+                    dir.display()
+                );
+            }
         }
         let path = Self::socket_of(dir, cid);
         let socket = BoundSocket::bind(&path).map_err(|e| {
@@ -253,7 +262,6 @@ mod tests {
     use crate::router::Path as RoutePath;
     use std::io::{Read, Write};
     use std::os::fd::OwnedFd;
-    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::{UnixListener, UnixStream};
 
     const T: Duration = Duration::from_millis(200);
