@@ -4,6 +4,23 @@
 //! router, which decides the path of each new guest connection and hands it to the host Unix
 //! backend, the sibling registry or the G2H uplink; tests plug in socket pairs.
 
+pub mod accept;
+pub mod handshake;
+pub mod host;
+pub mod listen;
+pub mod registry;
+pub mod stream;
+mod unix;
+pub mod uplink;
+pub mod vsock;
+
+pub use accept::{HandshakeServer, HandshakeStats, LineKind};
+pub use host::HostBackend;
+pub use listen::ListenBackend;
+pub use registry::{Registry, RegistryError};
+pub use stream::SockStream;
+pub use uplink::{Uplink, UplinkSpec, UplinkSpecError};
+
 use std::os::fd::RawFd;
 use std::time::Instant;
 

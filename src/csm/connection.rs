@@ -31,6 +31,7 @@ use super::txbuf::TxBuf;
 use crate::device::chain::Chain;
 use crate::device::iovec::IoVecs;
 use crate::device::packet::{op, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
+use crate::device::poller::Ready;
 use crate::device::virtio::GuestMemory;
 
 /// Timing and buffer settings shared by all connections of a device.
@@ -361,6 +362,13 @@ impl<S: VsockStream> Connection<S> {
             return;
         }
         self.update_peer_credit(h);
+        if self.state == State::Established
+            && self.prefix_pos < self.prefix.len()
+            && self.peer_credit() > 0
+        {
+            // Handshake bytes wait in the device, not in the stream: no readiness will say so.
+            self.pending |= pending::RW;
+        }
         match (self.state, h.op) {
             (State::LocalInit, op::RESPONSE) => {
                 self.state = State::Established;
@@ -481,7 +489,14 @@ impl<S: VsockStream> Connection<S> {
     }
 
     /// Reacts to readiness of the host stream.
-    pub fn on_stream_ready(&mut self, readable: bool, writable: bool, error: bool, now: Instant) {
+    pub fn on_stream_ready(&mut self, ready: Ready, now: Instant) {
+        let Ready {
+            readable,
+            writable,
+            hangup,
+            error,
+            ..
+        } = ready;
         match self.state {
             State::Connecting => {
                 if !self.connect_done && (writable || error) {
@@ -503,7 +518,11 @@ impl<S: VsockStream> Connection<S> {
                     self.flush_to_host();
                     self.after_shutdown_change(now);
                 }
-                if readable && self.state == State::Established {
+                if hangup && !self.txbuf.is_empty() && self.state == State::Established {
+                    // The peer is gone with guest bytes still owed to it.
+                    self.kill(KillReason::HostError, true);
+                }
+                if readable && !self.host_eof && self.state == State::Established {
                     self.pending |= pending::RW;
                 }
                 if error && self.state == State::Established {

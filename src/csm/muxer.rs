@@ -338,8 +338,7 @@ impl<B: Backend> Muxer<B> {
             return;
         }
         if let Some(e) = s.entry.as_mut() {
-            e.conn
-                .on_stream_ready(ready.readable, ready.writable, ready.error, now);
+            e.conn.on_stream_ready(ready, now);
             self.after_change(poller, slot, now);
         }
     }

@@ -64,6 +64,8 @@ pub struct Ready {
     pub readable: bool,
     /// Writable.
     pub writable: bool,
+    /// The peer hung up both directions (EPOLLHUP, reported whatever the interest).
+    pub hangup: bool,
     /// An error is pending on the fd.
     pub error: bool,
 }
@@ -125,6 +127,7 @@ impl Poller {
                 token: Token::decode(ev.data()),
                 readable: set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP),
                 writable: set.contains(EventSet::OUT),
+                hangup: set.contains(EventSet::HANG_UP),
                 error: set.contains(EventSet::ERROR),
             });
         }

@@ -91,6 +91,9 @@ pub struct SimGuest {
     pub received: Vec<Header>,
     /// Rule breaks by the device that the guest noticed (must stay empty).
     pub violations: Vec<String>,
+    /// Whether packets for unknown sockets are answered with RST, as Linux does (tests of a
+    /// silent or hostile guest turn it off).
+    pub answer_unknown: bool,
     rx_posted: usize,
 }
 
@@ -146,6 +149,7 @@ impl SimGuest {
             interrupts: 0,
             received: Vec::new(),
             violations: Vec::new(),
+            answer_unknown: true,
             rx_posted: 0,
         };
         g.post_event_buffers();
@@ -410,7 +414,7 @@ impl SimGuest {
                 self.socks.insert(port, s);
                 self.accepted.push_back(port);
                 self.send_ctl(port, op::RESPONSE, 0);
-            } else if h.op != op::RST {
+            } else if h.op != op::RST && self.answer_unknown {
                 // Linux answers packets for unknown sockets with RST.
                 self.send_packet(&h.rst_reply(), &[]);
             }

@@ -1,0 +1,337 @@
+//! [`HandshakeServer`]: a non-blocking Unix listener whose clients must send one handshake line
+//! before they become [`Incoming`] connections.
+//!
+//! Used by the host backend (hybrid line `CONNECT <port>\n`) and by the CID registry (line
+//! `CONNECT <port> FROM <cid> <port>\n`); see [`super::handshake`] for the grammar. Behaviour,
+//! byte-compatible with Firecracker and Cloud Hypervisor:
+//!
+//! - a line may arrive in any number of pieces; each pending client buffers at most
+//!   [`MAX_LINE`] bytes, so memory is bounded by `max_pending * MAX_LINE`;
+//! - bytes the client wrote after its line and that arrived in the same read (at most
+//!   [`MAX_LINE`] of them) become [`Incoming::prefix`]; later bytes stay in the socket for the
+//!   device, so nothing is lost;
+//! - a client is closed, and never offered to the guest, if it closes before its `\n`, sends a
+//!   line longer than [`MAX_LINE`], sends bytes that cannot start a valid line, sends the other
+//!   kind of line, or does not finish its line within the handshake timeout;
+//! - at most `max_pending` clients may be mid-handshake; beyond that new clients are closed at
+//!   once.
+//!
+//! The server owns an epoll set (the listener plus every pending client), so the device polls a
+//! single fd ([`HandshakeServer::poll_fd`]) and calls [`HandshakeServer::process`] when it is
+//! readable or [`HandshakeServer::next_deadline`] passed.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::handshake::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
+use super::stream::SockStream;
+use super::{AcceptReply, Incoming};
+use crate::router::{Path, RouteInfo};
+
+/// How long a client may take to send its handshake line, by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many clients may be mid-handshake at once, by default.
+pub const DEFAULT_MAX_PENDING: usize = 1024;
+
+/// New clients accepted per [`HandshakeServer::process`] call at most (the epoll set is
+/// level-triggered, so the rest are accepted on the next call).
+const ACCEPT_BATCH: usize = 256;
+
+/// Epoll events handled per [`HandshakeServer::process`] call at most.
+const EVENT_BATCH: usize = 64;
+
+const LISTENER_TOKEN: u64 = u64::MAX;
+
+/// Which handshake line a server accepts, and what the resulting connection looks like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineKind {
+    /// The hybrid-vsock host socket: `CONNECT <port>\n` from a host program, offered to the
+    /// guest from CID 2 with an ephemeral port, answered `OK <port>\n`, routed [`Path::Host`].
+    Hybrid,
+    /// The CID registry socket: `CONNECT <port> FROM <cid> <port>\n` from a sibling VMM, offered
+    /// from that CID and port, answered `OK <port>\n`, routed [`Path::Sibling`]. Source CIDs
+    /// that no guest can have (0, 1, 2 and `u32::MAX`) are refused.
+    Registry,
+}
+
+impl LineKind {
+    fn incoming(
+        self,
+        line: Line,
+        stream: SockStream,
+        prefix: Vec<u8>,
+    ) -> Option<Incoming<SockStream>> {
+        match (self, line) {
+            (LineKind::Hybrid, Line::Connect { port }) => Some(Incoming {
+                stream,
+                guest_port: port,
+                src_cid: 2,
+                src_port: None,
+                prefix,
+                reply: AcceptReply::HybridOk,
+                route: RouteInfo {
+                    path: Path::Host,
+                    to_host: false,
+                },
+            }),
+            (
+                LineKind::Registry,
+                Line::ConnectFrom {
+                    port,
+                    cid,
+                    src_port,
+                },
+            ) if cid > 2 && cid != u32::MAX => Some(Incoming {
+                stream,
+                guest_port: port,
+                src_cid: u64::from(cid),
+                src_port: Some(src_port),
+                prefix,
+                reply: AcceptReply::HybridOk,
+                route: RouteInfo {
+                    path: Path::Sibling,
+                    to_host: false,
+                },
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What happened to the server's clients so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeStats {
+    /// Clients accepted from the listener.
+    pub accepted: u64,
+    /// Clients closed at once because `max_pending` were mid-handshake.
+    pub over_limit: u64,
+    /// Clients that completed a valid line (handed out as [`Incoming`]).
+    pub completed: u64,
+    /// Clients closed for a bad, too long or wrong-kind line, or closing before its end.
+    pub rejected: u64,
+    /// Clients closed because they did not finish within the timeout.
+    pub timed_out: u64,
+}
+
+struct Pending {
+    stream: UnixStream,
+    buf: [u8; MAX_LINE],
+    len: usize,
+    deadline: Instant,
+}
+
+/// A Unix listener plus its clients that have not finished their handshake line.
+pub struct HandshakeServer {
+    listener: UnixListener,
+    kind: LineKind,
+    epoll: Epoll,
+    events: Vec<EpollEvent>,
+    /// Keyed by an increasing id, so the first entry has the earliest deadline.
+    pending: BTreeMap<u64, Pending>,
+    next_id: u64,
+    timeout: Duration,
+    max_pending: usize,
+    stats: HandshakeStats,
+}
+
+impl std::fmt::Debug for HandshakeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeServer")
+            .field("kind", &self.kind)
+            .field("pending", &self.pending.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl HandshakeServer {
+    /// Serves `listener` (switched to non-blocking), accepting lines of `kind` within `timeout`.
+    pub fn new(listener: UnixListener, kind: LineKind, timeout: Duration) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )?;
+        Ok(HandshakeServer {
+            listener,
+            kind,
+            epoll,
+            events: vec![EpollEvent::default(); EVENT_BATCH],
+            pending: BTreeMap::new(),
+            next_id: 0,
+            timeout,
+            max_pending: DEFAULT_MAX_PENDING,
+            stats: HandshakeStats::default(),
+        })
+    }
+
+    /// Sets how many clients may be mid-handshake at once (at least 1).
+    pub fn set_max_pending(&mut self, max: usize) {
+        self.max_pending = max.max(1);
+    }
+
+    /// The epoll fd to poll for readability.
+    pub fn poll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Clients currently mid-handshake.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HandshakeStats {
+        self.stats
+    }
+
+    /// When the oldest pending client times out.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.first_key_value().map(|(_, p)| p.deadline)
+    }
+
+    /// Accepts new clients, reads handshake lines, expires clients whose deadline is at or
+    /// before `now`, and appends finished handshakes to `out`. Never blocks.
+    pub fn process(&mut self, now: Instant, out: &mut Vec<Incoming<SockStream>>) {
+        let mut events = std::mem::take(&mut self.events);
+        let n = match self.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::warn!("vsock backend: epoll_wait on handshake set: {e}");
+                }
+                0
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                LISTENER_TOKEN => self.accept(now),
+                id => self.read(id, out),
+            }
+        }
+        self.events = events;
+        self.expire(now);
+    }
+
+    fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPT_BATCH {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
+                    io::ErrorKind::WouldBlock => return,
+                    _ => {
+                        log::warn!("vsock backend: accept: {e}");
+                        return;
+                    }
+                },
+            };
+            self.stats.accepted += 1;
+            if self.pending.len() >= self.max_pending {
+                self.stats.over_limit += 1;
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("vsock backend: handshake client: {e}");
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                stream.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, id),
+            ) {
+                log::warn!("vsock backend: epoll add handshake client: {e}");
+                continue;
+            }
+            self.pending.insert(
+                id,
+                Pending {
+                    stream,
+                    buf: [0; MAX_LINE],
+                    len: 0,
+                    deadline: now + self.timeout,
+                },
+            );
+        }
+    }
+
+    /// Reads what client `id` sent; on a complete line hands it out or closes it.
+    fn read(&mut self, id: u64, out: &mut Vec<Incoming<SockStream>>) {
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
+        let start = p.len;
+        let end = loop {
+            if p.len == MAX_LINE {
+                break None;
+            }
+            match (&p.stream).read(&mut p.buf[p.len..]) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    p.len += n;
+                    if let Some(end) = find_line(&p.buf[start..p.len]) {
+                        break Some(start + end);
+                    }
+                    if !is_viable_prefix(&p.buf[..p.len]) {
+                        break None;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => break None,
+            }
+        };
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        // The stream outlives its place in our epoll set: take it out explicitly.
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            p.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let Some(end) = end else {
+            self.stats.rejected += 1;
+            log::debug!("vsock backend: handshake client closed before a valid line");
+            return;
+        };
+        let incoming = match parse_line(&p.buf[..end]) {
+            Ok(line) => {
+                self.kind
+                    .incoming(line, SockStream::from(p.stream), p.buf[end..p.len].to_vec())
+            }
+            Err(e) => {
+                log::debug!("vsock backend: {e}");
+                None
+            }
+        };
+        match incoming {
+            Some(inc) => {
+                self.stats.completed += 1;
+                out.push(inc);
+            }
+            None => self.stats.rejected += 1,
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(entry) = self.pending.first_entry() {
+            if entry.get().deadline > now {
+                break;
+            }
+            // Closing the fd also takes it out of the epoll set.
+            entry.remove();
+            self.stats.timed_out += 1;
+        }
+    }
+}

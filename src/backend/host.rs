@@ -1,0 +1,362 @@
+//! [`HostBackend`]: host services over Unix sockets, the hybrid-vsock scheme of Firecracker and
+//! Cloud Hypervisor.
+//!
+//! - Guest → host port `P`: [`HostBackend::connect`] connects to the Unix socket `<socket>_P`.
+//! - Host → guest port `P`: a host program connects to `<socket>` and writes `CONNECT P\n`; the
+//!   connection is offered to the guest from CID 2 and an ephemeral port, and once the guest
+//!   accepts the device writes `OK <port>\n` (see [`super::accept`]).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::accept::{HandshakeServer, HandshakeStats, LineKind};
+use super::stream::SockStream;
+use super::unix::{self, BoundSocket};
+use super::Incoming;
+
+/// The host Unix-socket backend of one device.
+#[derive(Debug)]
+pub struct HostBackend {
+    server: HandshakeServer,
+    socket: BoundSocket,
+}
+
+impl HostBackend {
+    /// Listens on `socket` for hybrid-vsock clients, which get `handshake_timeout` to send their
+    /// line. A stale socket file (nobody listening) is replaced; a live listener is refused with
+    /// `AddrInUse`, and a file that is not a socket with `AlreadyExists`.
+    pub fn bind(socket: &Path, handshake_timeout: Duration) -> io::Result<Self> {
+        let bound = BoundSocket::bind(socket)?;
+        let server = HandshakeServer::new(
+            bound.listener.try_clone()?,
+            LineKind::Hybrid,
+            handshake_timeout,
+        )?;
+        Ok(HostBackend {
+            server,
+            socket: bound,
+        })
+    }
+
+    /// The socket path host programs connect to.
+    pub fn socket_path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    /// The path a guest connect to `port` goes to: `<socket>_<port>`.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        let mut p = self.socket.path().as_os_str().to_owned();
+        p.push(format!("_{port}"));
+        PathBuf::from(p)
+    }
+
+    /// Opens the host side of a guest connect to host port `port`, without blocking. Unix
+    /// connects complete at once, so `connected` is `true` on success; no listener (or a full
+    /// backlog) is an immediate error.
+    pub fn connect(&self, port: u32) -> io::Result<(SockStream, bool)> {
+        unix::connect(&self.port_path(port)).map(|s| (s, true))
+    }
+
+    /// Sets how many host clients may be mid-handshake at once.
+    pub fn set_max_pending(&mut self, max: usize) {
+        self.server.set_max_pending(max);
+    }
+
+    /// The fd to poll for readability (see [`HandshakeServer::poll_fd`]).
+    pub fn poll_fd(&self) -> RawFd {
+        self.server.poll_fd()
+    }
+
+    /// Accepts and reads host clients; appends finished handshakes to `out`.
+    pub fn process(&mut self, now: Instant, out: &mut Vec<Incoming<SockStream>>) {
+        self.server.process(now, out)
+    }
+
+    /// When [`HostBackend::process`] must run even without readiness.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.server.next_deadline()
+    }
+
+    /// Handshake counters.
+    pub fn stats(&self) -> HandshakeStats {
+        self.server.stats()
+    }
+
+    /// Clients mid-handshake.
+    pub fn pending(&self) -> usize {
+        self.server.pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::unix::test_dir::TempDir;
+    use crate::backend::AcceptReply;
+    use crate::router::{Path as RoutePath, RouteInfo};
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    const T: Duration = Duration::from_millis(200);
+
+    fn host(dir: &TempDir) -> HostBackend {
+        HostBackend::bind(&dir.join("v.sock"), T).unwrap()
+    }
+
+    /// Processes until `out` has `want` entries or `pred` holds, at most 2 s.
+    fn run_until(
+        h: &mut HostBackend,
+        out: &mut Vec<Incoming<SockStream>>,
+        mut done: impl FnMut(&HostBackend, &[Incoming<SockStream>]) -> bool,
+    ) {
+        let end = Instant::now() + Duration::from_secs(2);
+        while !done(h, out) {
+            assert!(Instant::now() < end, "timed out; stats {:?}", h.stats());
+            h.process(Instant::now(), out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn into_unix(s: SockStream) -> UnixStream {
+        UnixStream::from(OwnedFd::from(s))
+    }
+
+    /// The client was closed by the server: reads see EOF or a reset.
+    fn assert_closed(c: &mut UnixStream) {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 16];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("client not closed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn connect_line_yields_incoming() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"CONNECT 5000\n").unwrap();
+        let mut out = Vec::new();
+        run_until(&mut h, &mut out, |_, o| o.len() == 1);
+        let inc = out.pop().unwrap();
+        assert_eq!(inc.guest_port, 5000);
+        assert_eq!(inc.src_cid, 2);
+        assert_eq!(inc.src_port, None);
+        assert!(inc.prefix.is_empty());
+        assert_eq!(inc.reply, AcceptReply::HybridOk);
+        assert_eq!(
+            inc.route,
+            RouteInfo {
+                path: RoutePath::Host,
+                to_host: false
+            }
+        );
+        assert_eq!(h.pending(), 0);
+        assert_eq!(h.next_deadline(), None);
+        // The stream is the client's connection.
+        let mut s = into_unix(inc.stream);
+        s.write_all(b"OK 1073741824\n").unwrap();
+        let mut b = [0u8; 14];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"OK 1073741824\n");
+    }
+
+    #[test]
+    fn line_split_over_three_writes() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        let mut out = Vec::new();
+        for part in [&b"CONN"[..], b"ECT 12", b"34\n"] {
+            c.write_all(part).unwrap();
+            h.process(Instant::now(), &mut out);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        run_until(&mut h, &mut out, |_, o| o.len() == 1);
+        assert_eq!(out[0].guest_port, 1234);
+    }
+
+    #[test]
+    fn data_in_the_same_write_becomes_prefix_and_the_rest_stays_in_the_socket() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut msg = b"CONNECT 7\n".to_vec();
+        msg.extend_from_slice(&data);
+        c.write_all(&msg).unwrap();
+        let mut out = Vec::new();
+        run_until(&mut h, &mut out, |_, o| o.len() == 1);
+        let inc = out.pop().unwrap();
+        assert_eq!(inc.guest_port, 7);
+        assert!(!inc.prefix.is_empty());
+        let mut got = inc.prefix.clone();
+        let mut s = into_unix(inc.stream);
+        s.set_nonblocking(false).unwrap();
+        let mut rest = vec![0u8; data.len() - got.len()];
+        s.read_exact(&mut rest).unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn line_without_newline_then_close_is_dropped() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"CONNECT 5000").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        assert!(out.is_empty());
+        assert_eq!(h.pending(), 0);
+        assert_closed(&mut c);
+    }
+
+    #[test]
+    fn a_mebibyte_without_newline_is_closed_quickly() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        let writer = std::thread::spawn(move || {
+            let big = vec![b'1'; 1 << 20];
+            let mut head = b"CONNECT ".to_vec();
+            head.extend_from_slice(&big);
+            // The server closes mid-way: the write fails (EPIPE / ECONNRESET).
+            let r = c.write_all(&head);
+            (r, c)
+        });
+        let start = Instant::now();
+        let mut out = Vec::new();
+        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        assert!(start.elapsed() < T, "closed by size, not by timeout");
+        let (r, _c) = writer.join().unwrap();
+        assert!(r.is_err());
+        assert!(out.is_empty());
+        assert_eq!(h.pending(), 0);
+    }
+
+    #[test]
+    fn binary_garbage_is_closed_at_once() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"\x16\x03\x01\x02\x00").unwrap();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        assert!(start.elapsed() < T);
+        assert_closed(&mut c);
+        // A complete but invalid line too.
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"CONNECT 99999999999\n").unwrap();
+        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 2);
+        assert!(out.is_empty());
+        assert_closed(&mut c);
+    }
+
+    #[test]
+    fn idle_client_times_out() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"CONNECT 5").unwrap();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        run_until(&mut h, &mut out, |h, _| h.pending() == 1);
+        let deadline = h.next_deadline().unwrap();
+        assert!(deadline <= start + T + Duration::from_millis(100));
+        run_until(&mut h, &mut out, |h, _| h.stats().timed_out == 1);
+        assert!(start.elapsed() >= T);
+        assert_eq!(h.pending(), 0);
+        assert_eq!(h.next_deadline(), None);
+        assert!(out.is_empty());
+        assert_closed(&mut c);
+    }
+
+    #[test]
+    fn many_half_open_clients_and_the_pending_limit() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut out = Vec::new();
+        let mut clients = Vec::new();
+        for i in 0..200u32 {
+            let mut c = UnixStream::connect(h.socket_path()).unwrap();
+            c.write_all(format!("CONNECT {i}").as_bytes()).unwrap();
+            clients.push(c);
+            h.process(Instant::now(), &mut out);
+        }
+        run_until(&mut h, &mut out, |h, _| h.pending() == 200);
+        // Every one finishes its line.
+        for c in &mut clients {
+            c.write_all(b"\n").unwrap();
+        }
+        run_until(&mut h, &mut out, |_, o| o.len() == 200);
+        let mut ports: Vec<u32> = out.iter().map(|i| i.guest_port).collect();
+        ports.sort_unstable();
+        assert_eq!(ports, (0..200).collect::<Vec<_>>());
+
+        // Beyond the limit new clients are closed at once.
+        h.set_max_pending(2);
+        let _a = UnixStream::connect(h.socket_path()).unwrap();
+        let _b = UnixStream::connect(h.socket_path()).unwrap();
+        let mut over = UnixStream::connect(h.socket_path()).unwrap();
+        run_until(&mut h, &mut out, |h, _| h.stats().over_limit == 1);
+        assert_eq!(h.pending(), 2);
+        assert_closed(&mut over);
+    }
+
+    #[test]
+    fn registry_line_is_refused_on_the_host_socket() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"CONNECT 80 FROM 5 1234\n").unwrap();
+        let mut out = Vec::new();
+        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        assert!(out.is_empty());
+        assert_closed(&mut c);
+    }
+
+    #[test]
+    fn connect_reaches_port_socket_and_fails_fast_without_one() {
+        let dir = TempDir::new();
+        let h = host(&dir);
+        assert_eq!(h.port_path(52), dir.join("v.sock_52"));
+        let l = UnixListener::bind(dir.join("v.sock_52")).unwrap();
+        let (s, connected) = h.connect(52).unwrap();
+        assert!(connected);
+        let (mut peer, _) = l.accept().unwrap();
+        let mut s = into_unix(s);
+        s.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        peer.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
+
+        let start = Instant::now();
+        let e = h.connect(53).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        drop(l);
+        let e = h.connect(52).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+        assert!(start.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn bind_refuses_a_live_listener_and_cleans_up() {
+        let dir = TempDir::new();
+        let h = host(&dir);
+        let e = HostBackend::bind(&dir.join("v.sock"), T).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse);
+        drop(h);
+        assert!(!dir.join("v.sock").exists());
+        // A stale file left by a crashed VMM is replaced.
+        drop(UnixListener::bind(dir.join("v.sock")).unwrap());
+        let _h = host(&dir);
+    }
+}
