@@ -48,7 +48,7 @@ fn run_target(name: &str) {
 
 #[test]
 fn every_target_has_a_test_here() {
-    let here = ["tx_chain", "device", "csm"];
+    let here = ["tx_chain", "device", "csm", "handshake"];
     for (name, _) in TARGETS {
         assert!(here.contains(name), "add a #[test] for fuzz body {name}");
     }
@@ -67,4 +67,9 @@ fn device_corpus() {
 #[test]
 fn csm_corpus() {
     run_target("csm");
+}
+
+#[test]
+fn handshake_corpus() {
+    run_target("handshake");
 }

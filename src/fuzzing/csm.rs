@@ -27,6 +27,7 @@ use super::Input;
 use crate::csm::connection::{Addr, Connection, CsmConfig, KillReason, State};
 use crate::device::chain::{Chain, Direction};
 use crate::device::packet::{op, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
+use crate::device::poller::{Ready, Token};
 use crate::device::virtio::GuestMemory;
 
 const MEM_LEN: u64 = 0x4_0000;
@@ -285,16 +286,17 @@ pub fn csm(data: &[u8]) {
                 2 | 3 => fill_rx(&mut inp, mem, &mut conn, &mut b, now),
                 4 => {
                     let bits = inp.u8();
-                    let (r, w, e) = if bits & 8 != 0 {
+                    let r = if bits & 8 != 0 {
                         real_readiness(&conn)
                     } else {
-                        (
+                        ready(
                             bits & 1 != 0,
                             bits & 2 != 0,
+                            bits & 32 != 0 && bits & 64 != 0,
                             bits & 4 != 0 && bits & 16 != 0,
                         )
                     };
-                    conn.on_stream_ready(r, w, e, now);
+                    conn.on_stream_ready(r, now);
                 }
                 5 => {
                     clock += Duration::from_millis(u64::from(inp.u16() % 3000));
@@ -322,8 +324,7 @@ pub fn csm(data: &[u8]) {
                 },
                 9 => {
                     // The well-behaved peer the muxer would be: flush what epoll says.
-                    let (r, w, e) = real_readiness(&conn);
-                    conn.on_stream_ready(r, w, e, now);
+                    conn.on_stream_ready(real_readiness(&conn), now);
                     while conn.has_pending_rx() && b.packets_out < 4096 {
                         if !fill_rx_with(mem, &mut conn, &mut b, now, 4096, &[]) {
                             break;
@@ -347,7 +348,18 @@ pub fn csm(data: &[u8]) {
     });
 }
 
-fn real_readiness(conn: &Connection<UnixStream>) -> (bool, bool, bool) {
+fn ready(readable: bool, writable: bool, hangup: bool, error: bool) -> Ready {
+    Ready {
+        token: Token::Conn { slot: 0, gen: 0 },
+        readable,
+        writable,
+        hangup,
+        error,
+    }
+}
+
+/// Readiness as level-triggered epoll would report it for the connection's interest.
+fn real_readiness(conn: &Connection<UnixStream>) -> Ready {
     let mut pfd = libc::pollfd {
         fd: conn.stream().as_raw_fd(),
         events: libc::POLLIN | libc::POLLOUT,
@@ -356,9 +368,10 @@ fn real_readiness(conn: &Connection<UnixStream>) -> (bool, bool, bool) {
     // SAFETY: one valid pollfd; timeout 0.
     unsafe { libc::poll(&mut pfd, 1, 0) };
     let i = conn.interest();
-    (
+    ready(
         i.read && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0,
         i.write && pfd.revents & libc::POLLOUT != 0,
+        pfd.revents & libc::POLLHUP != 0,
         pfd.revents & libc::POLLERR != 0,
     )
 }
@@ -668,7 +681,7 @@ fn finish(
         if conn.state() != State::Established {
             break;
         }
-        conn.on_stream_ready(false, true, false, now);
+        conn.on_stream_ready(ready(false, true, false, false), now);
         let Some(h) = host.as_deref_mut() else { break };
         if b.host_read_shut {
             break;

@@ -10,11 +10,13 @@
 
 mod csm;
 mod device;
+mod handshake;
 mod input;
 mod tx_chain;
 
 pub use csm::csm;
 pub use device::device;
+pub use handshake::handshake;
 pub use input::{Input, XorShift};
 pub use tx_chain::tx_chain;
 
@@ -23,5 +25,9 @@ pub type FuzzBody = fn(&[u8]);
 
 /// Every fuzz body with its target name (the name of its `fuzz/fuzz_targets/*.rs` and of its
 /// corpus folder `fuzz/corpus/<name>/`).
-pub const TARGETS: &[(&str, FuzzBody)] =
-    &[("tx_chain", tx_chain), ("device", device), ("csm", csm)];
+pub const TARGETS: &[(&str, FuzzBody)] = &[
+    ("tx_chain", tx_chain),
+    ("device", device),
+    ("csm", csm),
+    ("handshake", handshake),
+];
