@@ -81,7 +81,10 @@ pub fn api(data: &[u8]) {
         resp.status
     );
     // The request line (httparse also ends lines and the head with a bare LF).
-    let start = raw.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(raw.len());
+    let start = raw
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(raw.len());
     let rest = &raw[start..];
     let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
     let line = String::from_utf8_lossy(&rest[..end]);
@@ -95,10 +98,16 @@ pub fn api(data: &[u8]) {
     if resp.status == 204 {
         assert!(resp.body.is_none(), "204 with a body");
     } else {
-        let body = resp.body.as_deref().expect("non-204 response without a body");
+        let body = resp
+            .body
+            .as_deref()
+            .expect("non-204 response without a body");
         let v: serde_json::Value = serde_json::from_str(body).expect("body is JSON");
         if resp.status >= 400 {
-            assert!(v.get("error").is_some_and(|e| e.is_string()), "error body {body}");
+            assert!(
+                v.get("error").is_some_and(|e| e.is_string()),
+                "error body {body}"
+            );
         }
     }
     if resp.status == 405 {
