@@ -126,6 +126,8 @@ pub fn device(data: &[u8]) {
     let (mut g, mut dev) = SimGuest::with_device(cfg, backend);
     g.buf_alloc =
         [4096, 64 * 1024, 256 * 1024, 1 + u32::from(inp.u16())][usize::from(inp.u8() & 3)];
+    // A silent guest leaves hostile connections open instead of resetting them.
+    g.answer_unknown = c & 0x80 == 0;
     for p in LISTEN {
         g.listen(p);
     }
