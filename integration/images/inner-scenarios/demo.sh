@@ -1,5 +1,6 @@
 # The README's main job, guest side: talk to the host over vsock and show the router's choices.
 say() { echo "DEMO guest: $*"; }
+say "booted"
 say "I am CID $(cat /sys/class/vsock/vsock/local_cid 2>/dev/null || echo 3); connecting to CID 2 port 1234 (host service)"
 reply=$(echo "hello from the nested guest" | socat -t 5 - VSOCK-CONNECT:2:1234 2>&1)
 say "host answered: $reply"

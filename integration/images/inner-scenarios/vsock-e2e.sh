@@ -1,7 +1,6 @@
 # Inner-guest side of integration/tests/vsock_e2e.rs (vsock-vmm on the KVM host's KVM).
 # The host side serves CID 2 ports through <socket>_<port> and tells us its phase on port 999.
 up=$(vr_pattern_file /tmp/up.bin 8388608)
-phase() { socat -T2 -u VSOCK-CONNECT:2:999 - 2>/dev/null; }
 
 # 1. guest -> host, one way, 8 MiB.
 vr_check g2h-upload socat -u FILE:/tmp/up.bin VSOCK-CONNECT:2:1234
@@ -16,10 +15,11 @@ vr_expect_eq h2g-data "$up" "$(vr_sha256 /tmp/h2g.bin)"
 
 # 5. An unowned CID with fallback on: through the uplink stand-in.
 vr_check fallback-connect sh -c 'echo fallback-hello | socat -u - VSOCK-CONNECT:77:6000'
-# A connection that stays open across the host's switch to strict mode.
-(sleep 6; echo held-open) | socat -u - VSOCK-CONNECT:77:6002 &
+strict='[ "$(socat -T2 -u VSOCK-CONNECT:2:999 - 2>/dev/null)" = strict ]'
+# A connection that stays open until the host has switched to strict mode, then sends.
+(vr_wait_for 240 sh -c "$strict"; echo held-open) | socat -u - VSOCK-CONNECT:77:6002 &
 held=$!
-vr_wait_for 60 sh -c '[ "$(phase)" = strict ]' || vr_fail phase-strict "host never switched"
+vr_wait_for 240 sh -c "$strict" || vr_fail phase-strict "host never switched"
 if echo x | socat -u - VSOCK-CONNECT:77:6001 2>/tmp/err; then
 	vr_fail strict-refused "connect succeeded"
 else

@@ -10,7 +10,9 @@ use vsock_integration::{
 };
 
 const HOST_SIDE: &str = r#"
-say() { echo "DEMO host: $*"; }
+# Host and guest lines go to one log (both append), so they print in order.
+say() { echo "DEMO host:  $*" >>/tmp/inner.log; }
+: >/tmp/inner.log
 mkdir -p /tmp/up
 echo fallback > /tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_1234,fork SYSTEM:'read l; echo "hi guest, the host got: $l"' &
@@ -20,17 +22,19 @@ say "starting: vsock-vmm --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fa
 vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio --memory size=256M \
     --cmdline "$(vr_inner_cmdline vr.scenario=demo vr.timeout=300)" \
     --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1 \
-    --api-socket /tmp/api >/tmp/inner.log 2>&1 &
+    --api-socket /tmp/api >>/tmp/inner.log 2>&1 &
 vmm=$!
 for _ in $(seq 1 600); do grep -q 'uplink stand-in answered' /tmp/inner.log && break; usleep 100000; done
-say "counters: $(vsock-vmm remote --api-socket /tmp/api info | sed 's/.*"counters":{\("host":[0-9]*,"sibling":[0-9]*,"uplink":[0-9]*,"refused":[0-9]*\).*/\1/')"
+info=$(vsock-vmm remote --api-socket /tmp/api info | tr -d ' \n')
+num() { echo "$info" | sed -n 's/.*"'"$1"'":\([0-9][0-9]*\).*/\1/p'; }
+say "GET /api/v1/vsock: g2h_fallback=$(echo "$info" | sed 's/.*"g2h_fallback":\([a-z]*\).*/\1/'); routed: host=$(num host) sibling=$(num sibling) uplink=$(num uplink) refused=$(num refused)"
 say "switching g2h_fallback off: vsock-vmm remote --api-socket /tmp/api fallback off"
 vsock-vmm remote --api-socket /tmp/api fallback off >/dev/null
 echo strict > /tmp/phase
 for _ in $(seq 1 3000); do kill -0 "$vmm" 2>/dev/null || break; usleep 100000; done
 wait "$vmm"
-say "guest shut down; vsock-vmm exited with status $?"
-grep 'DEMO guest' /tmp/inner.log
+say "the guest shut down; vsock-vmm exited with status $?"
+grep '^DEMO ' /tmp/inner.log
 vr_relay inner </tmp/inner.log >/tmp/relayed
 grep '^VRTEST' /tmp/relayed
 "#;
