@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod config;
 pub mod csm;
 pub mod device;
 #[cfg(any(test, feature = "test-utils"))]

@@ -55,8 +55,8 @@ pub enum LineKind {
     /// guest from CID 2 with an ephemeral port, answered `OK <port>\n`, routed [`Path::Host`].
     Hybrid,
     /// The CID registry socket: `CONNECT <port> FROM <cid> <port>\n` from a sibling VMM, offered
-    /// from that CID and port, answered `OK <port>\n`, routed [`Path::Sibling`]. Source CIDs
-    /// that no guest can have (0, 1, 2 and `u32::MAX`) are refused.
+    /// from that CID and port, answered `OK <port>\n`, routed [`Path::Sibling`]. Source CID 2
+    /// is a program on this machine (`vsock-connect`); CIDs 0, 1 and `u32::MAX` are refused.
     Registry,
 }
 
@@ -87,7 +87,7 @@ impl LineKind {
                     cid,
                     src_port,
                 },
-            ) if cid > 2 && cid != u32::MAX => Some(Incoming {
+            ) if cid >= 2 && cid != u32::MAX => Some(Incoming {
                 stream,
                 guest_port: port,
                 src_cid: u64::from(cid),
@@ -305,6 +305,13 @@ impl HandshakeServer {
             log::debug!("vsock backend: handshake client closed before a valid line");
             return;
         };
+        if self.peer_gone(&p.stream) {
+            // Nobody is left to read our OK: a client that gave up (a sibling device whose
+            // connect timed out while this device was not running yet) is not offered.
+            self.stats.rejected += 1;
+            log::debug!("vsock backend: handshake client gone before it was served");
+            return;
+        }
         let incoming = match parse_line(&p.buf[..end]) {
             Ok(line) => {
                 self.kind
@@ -322,6 +329,26 @@ impl HandshakeServer {
             }
             None => self.stats.rejected += 1,
         }
+    }
+
+    /// Whether the client hung up: fully (`POLLHUP`), or — on the registry socket, whose
+    /// clients never half-close before the answer — its write side (`POLLRDHUP`).
+    fn peer_gone(&self, stream: &UnixStream) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of a zero-timeout call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n <= 0 {
+            return false;
+        }
+        let gone = match self.kind {
+            LineKind::Hybrid => libc::POLLHUP,
+            LineKind::Registry => libc::POLLHUP | libc::POLLRDHUP,
+        };
+        pfd.revents & (gone | libc::POLLERR) != 0
     }
 
     fn expire(&mut self, now: Instant) {

@@ -168,11 +168,7 @@ impl Registry {
     /// Whether a sibling (not this VMM) owns `cid`: `<dir>/<cid>.sock` exists and is a socket.
     /// A cheap check without I/O on the socket; [`Registry::connect`] confirms liveness.
     pub fn owns(&self, cid: u64) -> bool {
-        cid != self.cid
-            && guest_cid(cid)
-            && fs::symlink_metadata(Self::socket_of(&self.dir, cid))
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(false)
+        cid != self.cid && owned_in(&self.dir, cid)
     }
 
     /// Connects to sibling `dst_cid`, without blocking, and writes
@@ -185,47 +181,7 @@ impl Registry {
         src_cid: u64,
         src_port: u32,
     ) -> io::Result<SockStream> {
-        let bad = |what: &str, cid: u64| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{what} CID {cid} is not a guest CID"),
-            )
-        };
-        if !guest_cid(dst_cid) {
-            return Err(bad("destination", dst_cid));
-        }
-        if !guest_cid(src_cid) {
-            return Err(bad("source", src_cid));
-        }
-        let stream = unix::connect(&Self::socket_of(&self.dir, dst_cid))?;
-        let line = Line::ConnectFrom {
-            port: dst_port,
-            cid: src_cid as u32,
-            src_port,
-        }
-        .to_string();
-        // SAFETY: `line` is readable for its length during the call; the fd is ours.
-        let n = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                line.as_ptr().cast(),
-                line.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != line.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!(
-                    "short write of the registry line ({n} of {} bytes)",
-                    line.len()
-                ),
-            ));
-        }
-        Ok(stream)
+        connect_in(&self.dir, dst_cid, dst_port, src_cid, src_port)
     }
 
     /// Sets how many siblings may be mid-handshake at once.
@@ -252,6 +208,69 @@ impl Registry {
     pub fn stats(&self) -> HandshakeStats {
         self.server.stats()
     }
+}
+
+/// Whether some VMM may own `cid` in the registry `dir`: `<dir>/<cid>.sock` exists and is a
+/// socket. A cheap check without I/O on the socket; a connect confirms liveness.
+pub fn owned_in(dir: &Path, cid: u64) -> bool {
+    guest_cid(cid)
+        && fs::symlink_metadata(Registry::socket_of(dir, cid))
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false)
+}
+
+/// Connects to sibling `dst_cid`, without blocking, and writes
+/// `CONNECT <dst_port> FROM <src_cid> <src_port>\n`. The caller then waits for the sibling's
+/// `OK <port>\n` (or end of stream if its guest refused). Also used by programs on this
+/// machine that do not own a CID (`vsock-connect`): they connect as CID 2, the host.
+pub fn connect_in(
+    dir: &Path,
+    dst_cid: u64,
+    dst_port: u32,
+    src_cid: u64,
+    src_port: u32,
+) -> io::Result<SockStream> {
+    let bad = |what: &str, cid: u64| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} CID {cid} is not a guest CID"),
+        )
+    };
+    if !guest_cid(dst_cid) {
+        return Err(bad("destination", dst_cid));
+    }
+    if !guest_cid(src_cid) && src_cid != 2 {
+        return Err(bad("source", src_cid));
+    }
+    let stream = unix::connect(&Registry::socket_of(dir, dst_cid))?;
+    let line = Line::ConnectFrom {
+        port: dst_port,
+        cid: src_cid as u32,
+        src_port,
+    }
+    .to_string();
+    // SAFETY: `line` is readable for its length during the call; the fd is ours.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            line.as_ptr().cast(),
+            line.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != line.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!(
+                "short write of the registry line ({n} of {} bytes)",
+                line.len()
+            ),
+        ));
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]
@@ -370,7 +389,7 @@ mod tests {
         let mut out = Vec::new();
         for (i, line) in [
             &b"CONNECT 80\n"[..],
-            b"CONNECT 80 FROM 2 5\n",
+            b"CONNECT 80 FROM 1 5\n",
             b"CONNECT 80 FROM 4294967295 5\n",
         ]
         .into_iter()
@@ -381,5 +400,10 @@ mod tests {
             run_until(&mut r, &mut out, |r, _| r.stats().rejected == i as u64 + 1);
         }
         assert!(out.is_empty());
+        // CID 2 is a program on this machine (vsock-connect): accepted, shown as the host.
+        let mut c = UnixStream::connect(r.socket_path()).unwrap();
+        c.write_all(b"CONNECT 80 FROM 2 5\n").unwrap();
+        run_until(&mut r, &mut out, |_, out| !out.is_empty());
+        assert_eq!((out[0].src_cid, out[0].src_port), (2, Some(5)));
     }
 }

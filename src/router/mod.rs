@@ -1,6 +1,7 @@
 //! Routing of new connections: which path a connection takes, and the runtime control of that
 //! policy.
 
+pub mod connector;
 pub mod control;
 pub mod decide;
 

@@ -286,8 +286,9 @@ fn bad_options_exit_2_naming_key_and_value() {
 
 /// Every (path, method) → documented status codes, from docs/api.yaml.
 fn openapi_operations() -> Vec<(String, String, BTreeSet<u16>)> {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.yaml"))
-        .expect("read api.yaml");
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.yaml"))
+            .expect("read api.yaml");
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse api.yaml");
     let mut ops = Vec::new();
     for (path, item) in doc["paths"].as_mapping().expect("paths") {

@@ -1,0 +1,30 @@
+# Inner-guest side of integration/tests/vsock_e2e.rs (vsock-vmm on the KVM host's KVM).
+# The host side serves CID 2 ports through <socket>_<port> and tells us its phase on port 999.
+up=$(vr_pattern_file /tmp/up.bin 8388608)
+
+# 1. guest -> host, one way, 8 MiB.
+vr_check g2h-upload socat -u FILE:/tmp/up.bin VSOCK-CONNECT:2:1234
+# 1b. Both ways on one connection: we send 8 MiB and shut our write side; the host reads to
+# EOF, then answers with the same 8 MiB and closes.
+socat -t 120 -T 180 'FILE:/tmp/up.bin!!CREATE:/tmp/both.bin' VSOCK-CONNECT:2:1236
+vr_expect_eq g2h-half-close-reply "$up" "$(vr_sha256 /tmp/both.bin)"
+
+# 2. host -> guest: the host connects to <socket> with "CONNECT 5000".
+socat -u VSOCK-LISTEN:5000 CREATE:/tmp/h2g.bin
+vr_expect_eq h2g-data "$up" "$(vr_sha256 /tmp/h2g.bin)"
+
+# 5. An unowned CID with fallback on: through the uplink stand-in.
+vr_check fallback-connect sh -c 'echo fallback-hello | socat -u - VSOCK-CONNECT:77:6000'
+strict='[ "$(socat -T2 -u VSOCK-CONNECT:2:999 - 2>/dev/null)" = strict ]'
+# A connection that stays open until the host has switched to strict mode, then sends.
+(vr_wait_for 240 sh -c "$strict"; echo held-open) | socat -u - VSOCK-CONNECT:77:6002 &
+held=$!
+vr_wait_for 240 sh -c "$strict" || vr_fail phase-strict "host never switched"
+if echo x | socat -u - VSOCK-CONNECT:77:6001 2>/tmp/err; then
+	vr_fail strict-refused "connect succeeded"
+else
+	vr_pass strict-refused "$(tail -n1 /tmp/err)"
+fi
+vr_check strict-econnreset grep -q 'Connection reset' /tmp/err
+wait "$held"
+vr_expect_eq held-connection-survived 0 "$?"

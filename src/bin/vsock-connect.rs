@@ -1,0 +1,244 @@
+//! `vsock-connect CID PORT`: connect a program's stdin/stdout to (CID, PORT) in the same single
+//! CID address space the nested guests see — a sibling guest through the CID registry, anything
+//! else through the G2H uplink when `g2h_fallback` is on. Like netcat; it builds statically so it
+//! can also run inside a guest.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vsock_router::backend::registry;
+use vsock_router::backend::uplink::{Uplink, UplinkSpec};
+use vsock_router::config::{parse_switch, ConfigError};
+use vsock_router::router::{decide, Decision, RefuseReason, RouteCtx};
+
+const USAGE: &str = "usage: vsock-connect [--registry DIR] [--uplink none|/dev/vsock|unix:DIR] \
+[--fallback 0|1] CID PORT
+
+Connects stdin/stdout to (CID, PORT), routed like a nested guest's connection:
+  a CID owned by a guest in the registry  -> that guest (it sees this program as CID 2)
+  CID 2, or any other CID with fallback=1 -> the G2H uplink (VMADDR_FLAG_TO_HOST)
+  otherwise                               -> fails with ENODEV
+Defaults: --uplink /dev/vsock when it exists, else none; --fallback 1.
+Example: echo hello | vsock-connect --registry /run/vsock 5 9000";
+
+struct Args {
+    registry: Option<PathBuf>,
+    uplink: UplinkSpec,
+    fallback: bool,
+    cid: u64,
+    port: u32,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut registry = None;
+    let mut uplink = None;
+    let mut fallback = true;
+    let mut pos = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--help" | "-h" => return Err(String::new()),
+            "--registry" => registry = Some(PathBuf::from(value("--registry")?)),
+            "--uplink" => {
+                let v = value("--uplink")?;
+                uplink = Some(
+                    v.parse::<UplinkSpec>()
+                        .map_err(|e| format!("--uplink `{v}`: {e}"))?,
+                )
+            }
+            "--fallback" => {
+                let v = value("--fallback")?;
+                fallback = parse_switch("fallback", &v).map_err(|e: ConfigError| e.to_string())?
+            }
+            _ if a.starts_with('-') => return Err(format!("unknown option `{a}`")),
+            _ => pos.push(a),
+        }
+    }
+    let [cid, port] = pos.as_slice() else {
+        return Err("expected CID and PORT".into());
+    };
+    let cid: u64 = cid
+        .parse()
+        .map_err(|_| format!("CID `{cid}` is not a number"))?;
+    let port: u32 = port
+        .parse()
+        .map_err(|_| format!("PORT `{port}` is not a number"))?;
+    let uplink = uplink.unwrap_or_else(|| {
+        if std::path::Path::new("/dev/vsock").exists() {
+            UplinkSpec::Vsock(PathBuf::from("/dev/vsock"))
+        } else {
+            UplinkSpec::None
+        }
+    });
+    Ok(Args {
+        registry,
+        uplink,
+        fallback,
+        cid,
+        port,
+    })
+}
+
+/// Waits (bounded) for a non-blocking connect to complete, then makes the socket blocking.
+fn finish_connect(fd: &OwnedFd, connected: bool) -> io::Result<()> {
+    if !connected {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `err` and `len` are valid for writes of their sizes.
+        unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+    }
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+    Ok(())
+}
+
+/// Reads the sibling's `OK <port>\n`, one byte at a time so no payload byte is consumed.
+fn read_ok(s: &mut UnixStream) -> io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 32 && Instant::now() < deadline {
+        if s.read(&mut b)? == 0 {
+            break;
+        }
+        if b[0] == b'\n' {
+            s.set_read_timeout(None)?;
+            return if line.starts_with(b"OK ") {
+                Ok(())
+            } else {
+                Err(io::Error::other("the sibling answered garbage"))
+            };
+        }
+        line.push(b[0]);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        "the sibling's guest refused the connection",
+    ))
+}
+
+/// Copies stdin to the stream (then shuts its write side) and the stream to stdout.
+fn relay(stream: UnixStream) -> io::Result<()> {
+    let mut up = stream.try_clone()?;
+    let t = std::thread::spawn(move || {
+        let _ = io::copy(&mut io::stdin().lock(), &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    let mut down = stream;
+    io::copy(&mut down, &mut io::stdout().lock())?;
+    io::stdout().flush()?;
+    drop(t);
+    Ok(())
+}
+
+fn run(a: Args) -> Result<(), String> {
+    let ctx = RouteCtx {
+        own_cid: None,
+        g2h_fallback: a.fallback,
+        uplink: a.uplink != UplinkSpec::None,
+    };
+    let dir = a.registry.clone();
+    let decision = decide(a.cid, &ctx, |c| {
+        dir.as_ref().is_some_and(|d| registry::owned_in(d, c))
+    });
+    let stream: UnixStream = match decision {
+        Decision::Refuse(RefuseReason::ReservedCid) => {
+            return Err(format!("CID {}: reserved CID (EINVAL)", a.cid))
+        }
+        Decision::Refuse(RefuseReason::NoRoute) => {
+            return Err(format!(
+                "CID {}: no such device (ENODEV): no guest on this machine owns it{}",
+                a.cid,
+                if ctx.uplink {
+                    " and g2h_fallback is off"
+                } else {
+                    " and there is no uplink"
+                }
+            ))
+        }
+        Decision::Sibling => {
+            let d = a.registry.as_ref().expect("owned implies a registry");
+            // Outside the devices' ephemeral range [2^30, 2^31), so it never collides with them.
+            let src_port = (1 << 31) | (std::process::id() & 0x3fff_ffff);
+            let s = registry::connect_in(d, a.cid, a.port, 2, src_port)
+                .map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
+            let fd: OwnedFd = s.into();
+            finish_connect(&fd, true).map_err(|e| e.to_string())?;
+            // SAFETY: `fd` is a connected Unix stream socket we own.
+            let mut s = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
+            read_ok(&mut s).map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
+            s
+        }
+        Decision::Host | Decision::Uplink => {
+            if decision == Decision::Uplink {
+                eprintln!(
+                    "vsock-connect: CID {} is not on this machine: g2h_fallback took the uplink \
+                     ({}, to_host)",
+                    a.cid, a.uplink
+                );
+            }
+            let up = Uplink::new(a.uplink.clone());
+            let (s, connected) = up
+                .connect(a.cid, a.port)
+                .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
+            let fd: OwnedFd = s.into();
+            finish_connect(&fd, connected)
+                .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
+            // SAFETY: a connected stream socket we own; UnixStream only uses read/write/shutdown,
+            // which work on any stream socket (AF_VSOCK included).
+            unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) }
+        }
+    };
+    relay(stream).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vsock-connect: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vsock-connect: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The router end to end with real backends: simulated guests, real Unix sockets for the hybrid
+//! host socket, the CID registry and the `unix:` uplink stand-in. No AF_VSOCK anywhere.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vsock_router::config::VsockConfig;
+use vsock_router::device::{DeviceConfig, VsockDevice};
+use vsock_router::router::connector::Router;
+use vsock_router::router::{Policy, VsockHandle};
+use vsock_router::sim::{SimGuest, SockState};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A temporary directory removed on drop (also when a test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "vr-router-{name}-{}-{:?}",
+            std::process::id(),
+            thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, s: &str) -> PathBuf {
+        self.0.join(s)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Vm {
+    g: SimGuest,
+    dev: VsockDevice<Router>,
+    handle: VsockHandle,
+}
+
+fn config(dir: &TempDir, cid: u64, extra: &str) -> VsockConfig {
+    let s = format!(
+        "cid={cid},socket={}{extra}",
+        dir.path(&format!("vm{cid}.sock")).display()
+    );
+    s.parse().unwrap()
+}
+
+fn vm(cfg: &VsockConfig) -> Vm {
+    let policy = Arc::new(Policy::new(cfg.g2h_fallback));
+    let router = Router::new(cfg, policy.clone()).expect("router");
+    let (g, dev) = SimGuest::with_device(DeviceConfig::new(cfg.cid), router);
+    let handle = VsockHandle::new(policy, dev.handle());
+    Vm { g, dev, handle }
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(seed as u32 % 31) as u8
+        })
+        .collect()
+}
+
+/// Counts connection attempts on a stand-in uplink listener.
+fn counting_listener(path: &Path) -> (Arc<std::sync::atomic::AtomicU64>, UnixListener) {
+    let l = UnixListener::bind(path).unwrap();
+    l.set_nonblocking(true).unwrap();
+    (Arc::new(std::sync::atomic::AtomicU64::new(0)), l)
+}
+
+fn accepted(l: &UnixListener) -> usize {
+    let mut n = 0;
+    while l.accept().is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn guest_reaches_host_service_over_hybrid_socket() {
+    let dir = TempDir::new("host");
+    let cfg = config(&dir, 3, ",uplink=none");
+    let listener = UnixListener::bind(format!("{}_1234", cfg.socket.display())).unwrap();
+    let mut v = vm(&cfg);
+    let port = v.g.connect(2, 1234).expect("connect");
+    let (mut s, _) = listener.accept().unwrap();
+    v.g.send(port, b"to host", T).unwrap();
+    let mut b = [0u8; 7];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"to host");
+    // No listener on another port: refused at once.
+    assert_eq!(v.g.connect(2, 1235), Err(SockState::Reset));
+    let c = v.handle.counters();
+    assert_eq!(c.path_host.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        c.connect_failed.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn fallback_takes_the_uplink_strict_refuses_and_a_flip_spares_established_connections() {
+    let dir = TempDir::new("uplink");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let cfg = config(&dir, 3, &format!(",uplink=unix:{}", up.display()));
+    let held = UnixListener::bind(up.join("77_6000")).unwrap();
+    let (_, strict) = counting_listener(&up.join("77_6001"));
+    let mut v = vm(&cfg);
+
+    // fallback=1: an unowned CID goes to the uplink, marked to_host.
+    let port = v.g.connect(77, 6000).expect("fallback connect");
+    let (mut s, _) = held.accept().unwrap();
+    let conns = v.handle.connections();
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conns[0].path.name(), "uplink");
+    assert!(conns[0].to_host);
+    assert_eq!((conns[0].local_cid, conns[0].local_port), (77, 6000));
+
+    // Flip to strict: the next connect is reset and nothing reaches the uplink.
+    v.handle.set_g2h_fallback(false);
+    assert_eq!(v.g.connect(77, 6001), Err(SockState::Reset));
+    assert_eq!(
+        accepted(&strict),
+        0,
+        "zero connection attempts on the uplink"
+    );
+    // The established connection keeps flowing both ways.
+    v.g.send(port, b"still here", T).unwrap();
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still here");
+    s.write_all(b"and back").unwrap();
+    assert_eq!(v.g.recv_exact(port, 8, T), b"and back");
+    // Flip back: the next connect takes the uplink again.
+    v.handle.set_g2h_fallback(true);
+    assert!(v.g.connect(77, 6001).is_ok());
+    assert_eq!(accepted(&strict), 1);
+    let c = v.handle.counters();
+    assert_eq!(c.path_uplink.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(c.path_refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn strict_mode_hammering_random_cids_makes_no_uplink_attempt() {
+    let dir = TempDir::new("strict");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let cfg = config(
+        &dir,
+        3,
+        &format!(",uplink=unix:{},fallback=0", up.display()),
+    );
+    let mut v = vm(&cfg);
+    for cid in (10..2000).step_by(37) {
+        assert_eq!(v.g.connect(cid, 80), Err(SockState::Reset), "cid {cid}");
+    }
+    assert_eq!(std::fs::read_dir(&up).unwrap().count(), 0);
+    assert_eq!(
+        v.dev
+            .counters()
+            .path_uplink
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn fifty_concurrent_host_clients_each_move_four_mib() {
+    let dir = TempDir::new("connect");
+    let cfg = config(&dir, 3, ",uplink=none");
+    let mut v = vm(&cfg);
+    const N: usize = 50;
+    // The simulated guest keys sockets by local port: one listening port per client.
+    for i in 0..N as u32 {
+        v.g.listen(5000 + i);
+    }
+    const SIZE: usize = 4 << 20;
+    let sock = cfg.socket.clone();
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let sock = sock.clone();
+            thread::spawn(move || {
+                let mut s = UnixStream::connect(&sock).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                // The line and the first bytes in one write().
+                let data = pattern(SIZE, i as u8);
+                let mut first = format!("CONNECT {}\n", 5000 + i).into_bytes();
+                first.extend_from_slice(&data[..1000]);
+                s.write_all(&first).unwrap();
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while b[0] != b'\n' {
+                    s.read_exact(&mut b).unwrap();
+                    line.push(b[0]);
+                }
+                assert!(
+                    line.starts_with(b"OK "),
+                    "{:?}",
+                    String::from_utf8_lossy(&line)
+                );
+                let mut r = s.try_clone().unwrap();
+                let reader = thread::spawn(move || {
+                    let mut back = Vec::new();
+                    r.read_to_end(&mut back).unwrap();
+                    Sha256::digest(&back)
+                });
+                s.write_all(&data[1000..]).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                (Sha256::digest(&data), reader.join().unwrap())
+            })
+        })
+        .collect();
+    // The guest echoes every connection back.
+    let mut open: Vec<u32> = Vec::new();
+    let mut got: std::collections::HashMap<u32, usize> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut done = 0;
+    while done < N && Instant::now() < deadline {
+        while let Some(p) = v.g.accept(Duration::ZERO) {
+            open.push(p);
+        }
+        for &p in &open.clone() {
+            let data = v.g.recv(p, 64 * 1024);
+            if !data.is_empty() {
+                *got.entry(p).or_default() += data.len();
+                v.g.send(p, &data, T).unwrap();
+            }
+            if got.get(&p) == Some(&SIZE) {
+                v.g.shutdown(p, vsock_router::device::packet::shutdown::SEND);
+                open.retain(|&q| q != p);
+                got.remove(&p);
+                done += 1;
+            }
+        }
+        v.g.pump(Duration::from_millis(1));
+    }
+    for c in clients {
+        let (sent, back) = c.join().unwrap();
+        assert_eq!(sent, back, "echoed bytes hash-checked");
+    }
+    assert!(v.g.violations.is_empty(), "{:?}", v.g.violations);
+}
+
+/// Runs a sibling guest on its own thread: accepts one connection on `port`, checks its peer
+/// address, then sends `send` while receiving `expect_len` bytes. Returns the peer address and
+/// the hash of what it received.
+fn serve_sibling(
+    mut g: SimGuest,
+    port: u32,
+    send: Vec<u8>,
+    expect_len: usize,
+) -> thread::JoinHandle<((u64, u32), Vec<u8>, SimGuest)> {
+    g.listen(port);
+    thread::spawn(move || {
+        let p = g.accept(Duration::from_secs(60)).expect("sibling accepts");
+        let peer = (g.socks[&p].peer_cid, g.socks[&p].peer_port);
+        let mut got = Vec::new();
+        let mut off = 0;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (got.len() < expect_len || off < send.len()) && Instant::now() < deadline {
+            if off < send.len() {
+                let n = (send.len() - off).min(64 * 1024);
+                g.send(p, &send[off..off + n], T).unwrap();
+                off += n;
+            }
+            got.extend(g.recv(p, usize::MAX));
+            g.pump(Duration::from_millis(1));
+        }
+        (peer, Sha256::digest(&got).to_vec(), g)
+    })
+}
+
+#[test]
+fn siblings_exchange_eight_mib_each_way_with_true_cids() {
+    let dir = TempDir::new("siblings");
+    let reg = dir.path("registry");
+    let cfg_a = config(&dir, 3, &format!(",uplink=none,registry={}", reg.display()));
+    let cfg_b = config(&dir, 5, &format!(",uplink=none,registry={}", reg.display()));
+    let mut a = vm(&cfg_a);
+    let b = vm(&cfg_b);
+    const SIZE: usize = 8 << 20;
+    let up = pattern(SIZE, 1);
+    let down = pattern(SIZE, 2);
+    let b_thread = serve_sibling(b.g, 9000, down.clone(), SIZE);
+    let pa = a.g.connect(5, 9000).expect("A reaches B");
+    let sa = &a.g.socks[&pa];
+    assert_eq!((sa.peer_cid, sa.peer_port), (5, 9000));
+    let conns = a.handle.connections();
+    assert_eq!(conns[0].path.name(), "sibling");
+    assert!(!conns[0].to_host);
+    let mut got = Vec::new();
+    let mut off = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (got.len() < SIZE || off < SIZE) && Instant::now() < deadline {
+        if off < SIZE {
+            let n = (SIZE - off).min(64 * 1024);
+            a.g.send(pa, &up[off..off + n], T).unwrap();
+            off += n;
+        }
+        got.extend(a.g.recv(pa, usize::MAX));
+        a.g.pump(Duration::from_millis(1));
+    }
+    let (peer, b_got, gb) = b_thread.join().unwrap();
+    assert_eq!(peer, (3, pa), "B sees A's true address");
+    assert_eq!(b_got, Sha256::digest(&up).to_vec(), "A → B");
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&down), "B → A");
+    assert!(a.g.violations.is_empty() && gb.violations.is_empty());
+    drop(b.dev);
+}
+
+#[test]
+fn a_sibling_whose_driver_is_not_up_resets_and_works_once_up() {
+    let dir = TempDir::new("late");
+    let reg = dir.path("registry");
+    let cfg_a = config(&dir, 3, &format!(",uplink=none,registry={}", reg.display()));
+    let cfg_b = config(&dir, 6, &format!(",uplink=none,registry={}", reg.display()));
+    let mut a = vm(&cfg_a);
+    // B's VMM is up (its CID is claimed) but its device is not activated yet.
+    let router_b = Router::new(&cfg_b, Arc::new(Policy::new(true))).unwrap();
+    let started = Instant::now();
+    assert_eq!(a.g.connect(6, 9000), Err(SockState::Reset));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // B comes up: A's next connect works.
+    let (gb, dev_b) = SimGuest::with_device(DeviceConfig::new(6), router_b);
+    let b_thread = serve_sibling(gb, 9000, Vec::new(), 7);
+    let pa = a.g.connect(6, 9000).expect("works once B is up");
+    a.g.send(pa, b"hello B", T).unwrap();
+    let (peer, b_got, _) = b_thread.join().unwrap();
+    assert_eq!(peer, (3, pa));
+    assert_eq!(b_got, Sha256::digest(b"hello B").to_vec());
+    drop(dev_b);
+}
+
+#[test]
+fn a_cid_claimed_by_a_live_vmm_is_refused() {
+    let dir = TempDir::new("claim");
+    let reg = dir.path("registry");
+    let cfg = config(&dir, 3, &format!(",uplink=none,registry={}", reg.display()));
+    let _first = vm(&cfg);
+    let mut other = config(&dir, 3, &format!(",uplink=none,registry={}", reg.display()));
+    other.socket = dir.path("second.sock");
+    let err = Router::new(&other, Arc::new(Policy::new(true)))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
