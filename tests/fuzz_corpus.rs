@@ -48,7 +48,7 @@ fn run_target(name: &str) {
 
 #[test]
 fn every_target_has_a_test_here() {
-    let here = ["tx_chain", "device", "csm", "handshake"];
+    let here = ["tx_chain", "device", "csm", "handshake", "config"];
     for (name, _) in TARGETS {
         assert!(here.contains(name), "add a #[test] for fuzz body {name}");
     }
@@ -72,4 +72,9 @@ fn csm_corpus() {
 #[test]
 fn handshake_corpus() {
     run_target("handshake");
+}
+
+#[test]
+fn config_corpus() {
+    run_target("config");
 }

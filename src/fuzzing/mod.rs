@@ -8,12 +8,14 @@
 //!
 //! See `docs/security.md` for the threat model and what each target asserts.
 
+mod config;
 mod csm;
 mod device;
 mod handshake;
 mod input;
 mod tx_chain;
 
+pub use config::config;
 pub use csm::csm;
 pub use device::device;
 pub use handshake::handshake;
@@ -30,4 +32,5 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("device", device),
     ("csm", csm),
     ("handshake", handshake),
+    ("config", config),
 ];
