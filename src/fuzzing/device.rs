@@ -30,7 +30,8 @@ use crate::device::packet::{op, shutdown, sock_type, Header, MAX_PAYLOAD};
 use crate::device::virtio::VirtioDevice;
 use crate::device::DeviceConfig;
 use crate::sim::{
-    PairBackend, PairHost, RawDesc, SimGuest, SimSock, SockState, TxLayout, MEM_SIZE, REGION_SPLIT,
+    PairBackend, PairHost, RawDesc, SimGuest, SimSock, SockState, TxLayout, MEM_SIZE, QUEUE_SIZE,
+    REGION_SPLIT,
 };
 
 /// Most steps per input.
@@ -140,14 +141,15 @@ pub fn device(data: &[u8]) {
         listen_used: [false; 3],
         host_seq: 0,
     };
+    let mut ring_broken = false;
     for _ in 0..MAX_STEPS {
         if inp.is_empty() {
             break;
         }
-        let last = run.step(&mut inp);
+        ring_broken = run.step(&mut inp);
         run.collect();
         run.check();
-        if last {
+        if ring_broken {
             break;
         }
     }
@@ -160,6 +162,18 @@ pub fn device(data: &[u8]) {
     run.collect();
     run.read_all();
     run.check();
+    if !ring_broken {
+        // Every TX chain comes back, also the malformed ones (used length 0).
+        let all = usize::from(QUEUE_SIZE);
+        let back = run
+            .g
+            .pump_until(Duration::from_secs(2), |g| g.txq.free_descs() == all);
+        assert!(
+            back,
+            "{} TX descriptors never returned",
+            all - run.g.txq.free_descs()
+        );
+    }
     let t = Instant::now();
     let _ = dev.connections();
     assert!(
