@@ -53,13 +53,18 @@ for t in "${targets[@]}"; do
         limit=(-max_total_time="$secs")
     fi
     # Per-input limits: the device target runs a thread and real sockets, the others are pure.
+    # Its inputs are programs of up to 32 steps: allow their full length from the start.
     per_input=5
-    [ "$t" = device ] && per_input=20
+    extra=()
+    if [ "$t" = device ]; then
+        per_input=20
+        extra=(-len_control=0 -max_len=512)
+    fi
     log="$out/$t.log"
     echo "smoke: $t for ${secs}s"
     set +e
     timeout $((secs + 120)) cargo fuzz run -s none -a "$t" "$corpus" "corpus/$t" -- \
-        "${limit[@]}" -timeout="$per_input" -rss_limit_mb=2048 -print_final_stats=1 \
+        "${limit[@]}" "${extra[@]}" -timeout="$per_input" -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="$artifacts" >"$log" 2>&1
     rc=$?
     set -e
