@@ -435,3 +435,34 @@ fn vsock_connect_reaches_a_sibling_guest_through_the_registry() {
     assert_eq!(got, Sha256::digest(b"hello gues").to_vec());
     drop(b.dev);
 }
+
+#[test]
+fn listen_opens_parent_connections_into_the_guest() {
+    let dir = TempDir::new("listen");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let cfg = config(
+        &dir,
+        3,
+        &format!(",uplink=unix:{},listen=9000", up.display()),
+    );
+    let mut v = vm(&cfg);
+    v.g.listen(9000);
+    let mut s = UnixStream::connect(up.join("listen_9000")).unwrap();
+    s.write_all(b"from the parent").unwrap();
+    let p = v.g.accept(T).expect("the guest accepts on the same port");
+    assert_eq!(v.g.recv_exact(p, 15, T), b"from the parent");
+    v.g.send(p, b"ack", T).unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(
+        &b, b"ack",
+        "no OK line on listen connections: bytes flow at once"
+    );
+    let conns = v.handle.connections();
+    assert_eq!(conns[0].path.name(), "uplink");
+    assert!(!conns[0].to_host, "inbound connections are not a fallback");
+    drop(s);
+    drop(v);
+    assert!(!up.join("listen_9000").exists(), "listen socket removed");
+}
