@@ -10,6 +10,8 @@ pub mod backend;
 pub mod config;
 pub mod csm;
 pub mod device;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 pub mod router;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod sim;
