@@ -85,9 +85,7 @@ fn invalid(key: &'static str, value: &str, why: impl Into<String>) -> ConfigErro
 
 /// Parses a guest CID: a decimal number other than 0, 1, 2 (reserved) and below u32::MAX.
 pub fn parse_cid(key: &'static str, v: &str) -> Result<u64, ConfigError> {
-    let cid: u64 = v
-        .parse()
-        .map_err(|_| invalid(key, v, "not a decimal number"))?;
+    let cid: u64 = decimal(v).ok_or_else(|| invalid(key, v, "not a decimal number"))?;
     if cid <= 2 {
         return Err(invalid(
             key,
@@ -99,6 +97,14 @@ pub fn parse_cid(key: &'static str, v: &str) -> Result<u64, ConfigError> {
         return Err(invalid(key, v, "CIDs are 32-bit and u32::MAX means any"));
     }
     Ok(cid)
+}
+
+/// A plain decimal number: digits only (no sign, no spaces), as the other parsers of the project.
+fn decimal<T: FromStr>(v: &str) -> Option<T> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
 }
 
 /// Parses a boolean switch: 0/1, on/off, true/false.
@@ -113,9 +119,8 @@ pub fn parse_switch(key: &'static str, v: &str) -> Result<bool, ConfigError> {
 fn parse_listen(v: &str) -> Result<Vec<u32>, ConfigError> {
     let mut ports = Vec::new();
     for p in v.split('+') {
-        let port: u32 = p
-            .parse()
-            .map_err(|_| invalid("listen", v, format!("`{p}` is not a port number")))?;
+        let port: u32 = decimal(p)
+            .ok_or_else(|| invalid("listen", v, format!("`{p}` is not a port number")))?;
         if port == u32::MAX {
             return Err(invalid("listen", v, "port u32::MAX means any"));
         }
@@ -191,16 +196,12 @@ impl FromStr for VsockConfig {
                     listen_raw = v;
                 }
                 "max_connections" => {
-                    cfg.max_connections = v
-                        .parse()
-                        .ok()
+                    cfg.max_connections = decimal(v)
                         .filter(|&n: &usize| (1..=65_536).contains(&n))
                         .ok_or_else(|| invalid("max_connections", v, "expected 1 to 65536"))?
                 }
                 "buffer_size" => {
-                    cfg.buffer_size = v
-                        .parse()
-                        .ok()
+                    cfg.buffer_size = decimal(v)
                         .filter(|&n: &u32| (4096..=(16 << 20)).contains(&n))
                         .ok_or_else(|| {
                             invalid("buffer_size", v, "expected 4096 to 16777216 bytes")
@@ -294,6 +295,15 @@ mod tests {
                 "invalid cid=`three`: not a decimal number",
             ),
             ("cid=-3,socket=/s", "invalid cid=`-3`"),
+            ("cid=+3,socket=/s", "invalid cid=`+3`"),
+            (
+                "cid=3,socket=/s,max_connections=+5",
+                "invalid max_connections=`+5`",
+            ),
+            (
+                "cid=3,socket=/s,uplink=none,listen=+9",
+                "invalid listen=`+9`",
+            ),
             ("cid=3,socket=/s,fallback=2", "invalid fallback=`2`"),
             ("cid=3,socket=/s,fallback=yes", "invalid fallback=`yes`"),
             (

@@ -434,3 +434,20 @@ fn interrupts_are_batched() {
     );
     let _ = HEADER_LEN;
 }
+
+#[test]
+fn full_close_with_unflushable_bytes_resets_after_the_linger_time() {
+    let mut cfg = DeviceConfig::new(GUEST);
+    cfg.csm.linger = Duration::from_millis(300);
+    let (mut g, dev, host) = setup_with(cfg);
+    host.set_socket_buffers(4096);
+    let port = g.connect(2, 7900).unwrap();
+    // The host never reads: bytes stay in the device's buffer.
+    let (_, _s) = host.accept(T).unwrap();
+    g.send(port, &pattern(100_000, 7), T).unwrap();
+    g.shutdown(port, shutdown::BOTH);
+    let start = std::time::Instant::now();
+    wait_for(&mut g, |h| h.op == op::RST && h.dst_port == port).expect("RST after linger");
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    assert!(dev.connections().is_empty());
+}

@@ -280,6 +280,7 @@ fn serve_sibling(
             got.extend(g.recv(p, usize::MAX));
             g.pump(Duration::from_millis(1));
         }
+        g.close(p, T);
         (peer, Sha256::digest(&got).to_vec(), g)
     })
 }
@@ -357,4 +358,111 @@ fn a_cid_claimed_by_a_live_vmm_is_refused() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("in use"), "{err}");
+}
+
+fn vsock_connect(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vsock-connect"))
+        .args(args)
+        .env("VSOCK_ROUTER_FORBID_AF_VSOCK", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A refused connect exits before reading its input.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn vsock_connect_strict_fails_with_enodev_and_fallback_takes_the_uplink() {
+    let dir = TempDir::new("vc-uplink");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let uplink = format!("unix:{}", up.display());
+    let out = vsock_connect(&["--uplink", &uplink, "--fallback", "0", "77", "80"], b"x");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ENODEV"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&up).unwrap().count(),
+        0,
+        "no uplink attempt"
+    );
+
+    let l = UnixListener::bind(up.join("77_80")).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        s.write_all(b"pong").unwrap();
+        got
+    });
+    let out = vsock_connect(&["--uplink", &uplink, "77", "80"], b"ping");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"pong");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fallback") && err.contains("to_host"), "{err}");
+    assert_eq!(server.join().unwrap(), b"ping");
+    // The real /dev/vsock uplink is refused on this machine.
+    let out = vsock_connect(&["--uplink", "/dev/vsock", "77", "80"], b"");
+    assert!(!out.status.success());
+}
+
+#[test]
+fn vsock_connect_reaches_a_sibling_guest_through_the_registry() {
+    let dir = TempDir::new("vc-registry");
+    let reg = dir.path("registry");
+    let cfg = config(&dir, 5, &format!(",uplink=none,registry={}", reg.display()));
+    let b = vm(&cfg);
+    let b_thread = serve_sibling(b.g, 9000, b"hello program".to_vec(), 10);
+    let out = vsock_connect(
+        &[
+            "--registry",
+            reg.to_str().unwrap(),
+            "--uplink",
+            "none",
+            "5",
+            "9000",
+        ],
+        b"hello gues",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"hello program");
+    let (peer, got, _) = b_thread.join().unwrap();
+    assert_eq!(peer.0, 2, "the guest sees a program on the host as CID 2");
+    assert_eq!(got, Sha256::digest(b"hello gues").to_vec());
+    drop(b.dev);
+}
+
+#[test]
+fn listen_opens_parent_connections_into_the_guest() {
+    let dir = TempDir::new("listen");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let cfg = config(
+        &dir,
+        3,
+        &format!(",uplink=unix:{},listen=9000", up.display()),
+    );
+    let mut v = vm(&cfg);
+    v.g.listen(9000);
+    let mut s = UnixStream::connect(up.join("listen_9000")).unwrap();
+    s.write_all(b"from the parent").unwrap();
+    let p = v.g.accept(T).expect("the guest accepts on the same port");
+    assert_eq!(v.g.recv_exact(p, 15, T), b"from the parent");
+    v.g.send(p, b"ack", T).unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(
+        &b, b"ack",
+        "no OK line on listen connections: bytes flow at once"
+    );
+    let conns = v.handle.connections();
+    assert_eq!(conns[0].path.name(), "uplink");
+    assert!(!conns[0].to_host, "inbound connections are not a fallback");
+    drop(s);
+    drop(v);
+    assert!(!up.join("listen_9000").exists(), "listen socket removed");
 }

@@ -43,7 +43,16 @@ OPTIONS:
                            Example: --serial file=/tmp/guest.log
     --vsock STR            The virtio-vsock device, parsed by vsock-router's VsockConfig:
                            cid=N,socket=PATH[,fallback=1][,uplink=...][,registry=DIR][,listen=...]
-                           Example: --vsock cid=3,socket=/tmp/vm3.vsock
+                             cid      guest CID, 3 to 4294967294
+                             socket   hybrid socket: host clients send CONNECT <port>; guest
+                                      connects to CID 2 port P reach PATH_P
+                             fallback 1|0 (on|off): unowned CIDs go to the uplink (default 1)
+                             uplink   none | /dev/vsock | unix:DIR (test stand-in: DIR/<cid>_<port>)
+                                      (default /dev/vsock when it exists, else none)
+                             registry DIR shared by sibling VMMs (CID ownership)
+                             listen   P1+P2: parent connections to these ports open into the guest
+                             max_connections (default 1023), buffer_size (default 262144)
+                           Example: --vsock cid=3,socket=/tmp/vm3.vsock,uplink=unix:/tmp/up,fallback=0
     --api-socket PATH      Serve the REST API (HTTP/1.1, JSON) on this Unix socket (mode 0600).
                            Example: --api-socket /tmp/vm3.api
     --log-level LEVEL      error|warn|info|debug|trace (default warn); logs go to stderr.
