@@ -5,7 +5,8 @@
 //! duplicate or valueless key or without `cid` and `socket`; an accepted configuration is within
 //! the documented bounds (CID 3 ..= u32::MAX − 1, unique listen ports below u32::MAX and only with
 //! an uplink, 1 ..= 65536 connections, 4 KiB ..= 16 MiB buffers) and prints back to an option
-//! string that parses to the same value; every error prints and names its key.
+//! string that parses to the same value; numbers are plain decimal digits (no sign); every error
+//! prints and names its key.
 
 use std::str::FromStr;
 
@@ -36,6 +37,18 @@ fn well_formed(s: &str) -> bool {
         seen.push(k);
     }
     seen.contains(&"cid") && seen.contains(&"socket")
+}
+
+/// Whether every number of the string is plain decimal digits (no sign, no space).
+fn plain_numbers(s: &str) -> bool {
+    let digits = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    s.split(',')
+        .filter_map(|i| i.split_once('='))
+        .all(|(k, v)| match k {
+            "cid" | "max_connections" | "buffer_size" => digits(v),
+            "listen" => v.split('+').all(digits),
+            _ => true,
+        })
 }
 
 /// The option string of a configuration, every key spelled out.
@@ -76,6 +89,10 @@ pub fn config(data: &[u8]) {
         Ok(c) => c,
     };
     assert!(well_formed(&s), "accepted a malformed option string {s:?}");
+    assert!(
+        plain_numbers(&s),
+        "accepted a number that is not plain digits: {s:?}"
+    );
     assert!((3..u64::from(u32::MAX)).contains(&c.cid), "cid {}", c.cid);
     assert!(!c.socket.as_os_str().is_empty(), "empty socket path");
     assert!((1..=65_536).contains(&c.max_connections));
