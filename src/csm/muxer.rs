@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::connection::{Addr, Connection, CsmConfig, Interest, KillReason, State};
+use super::connection::{Addr, Connection, CsmConfig, Interest, KillReason};
 use crate::backend::{AcceptReply, Backend, ConnectRequest, Incoming, Refusal};
 use crate::device::chain::Chain;
 use crate::device::packet::{op, sock_type, Header, HEADER_LEN};
@@ -171,7 +171,7 @@ impl<B: Backend> Muxer<B> {
             if let Some(e) = self.slots[slot as usize].entry.as_mut() {
                 e.conn.on_packet(h, mem, chain, now);
             }
-            self.after_change(poller, slot, now);
+            self.after_change(poller, slot);
             return;
         }
         match h.op {
@@ -216,7 +216,7 @@ impl<B: Backend> Muxer<B> {
                     self.cfg,
                     now,
                 );
-                self.insert(poller, conn, out.route, true, false, now);
+                self.insert(poller, conn, out.route, true, false);
             }
             Err(Refusal::NoRoute) => {
                 Counters::inc(&self.counters.path_refused);
@@ -236,7 +236,6 @@ impl<B: Backend> Muxer<B> {
         route: RouteInfo,
         guest_initiated: bool,
         ephemeral: bool,
-        now: Instant,
     ) {
         let a = conn.addr();
         let slot = match self.free.pop() {
@@ -261,7 +260,7 @@ impl<B: Backend> Muxer<B> {
         self.index
             .insert((a.local_cid, a.local_port, a.peer_port), slot);
         self.live += 1;
-        self.after_change(poller, slot, now);
+        self.after_change(poller, slot);
     }
 
     fn alloc_port(&mut self) -> Option<u32> {
@@ -321,7 +320,7 @@ impl<B: Backend> Muxer<B> {
             Counters::inc(&self.counters.incoming);
             let conn =
                 Connection::host_initiated(inc.stream, addr, inc.prefix, reply, self.cfg, now);
-            self.insert(poller, conn, inc.route, false, ephemeral, now);
+            self.insert(poller, conn, inc.route, false, ephemeral);
         }
         self.incoming = incoming;
     }
@@ -339,7 +338,7 @@ impl<B: Backend> Muxer<B> {
         }
         if let Some(e) = s.entry.as_mut() {
             e.conn.on_stream_ready(ready, now);
-            self.after_change(poller, slot, now);
+            self.after_change(poller, slot);
         }
     }
 
@@ -379,7 +378,7 @@ impl<B: Backend> Muxer<B> {
                 if e.armed == Some(t) {
                     e.armed = None;
                     e.conn.on_deadline(now);
-                    self.after_change(poller, slot, now);
+                    self.after_change(poller, slot);
                 }
             }
         }
@@ -419,7 +418,7 @@ impl<B: Backend> Muxer<B> {
             };
             e.in_rxq = false;
             let written = e.conn.fill_rx(mem, chain, now);
-            self.after_change(poller, slot, now);
+            self.after_change(poller, slot);
             if written.is_some() {
                 return written;
             }
@@ -428,7 +427,7 @@ impl<B: Backend> Muxer<B> {
     }
 
     /// The one place that acts on a connection's new state.
-    fn after_change(&mut self, poller: &Poller, slot: u32, now: Instant) {
+    fn after_change(&mut self, poller: &Poller, slot: u32) {
         let s = &mut self.slots[slot as usize];
         let gen = s.gen;
         let Some(e) = s.entry.as_mut() else {
@@ -479,7 +478,6 @@ impl<B: Backend> Muxer<B> {
                 self.timers.push(Reverse((t, slot, gen)));
             }
         }
-        let _ = now;
     }
 
     fn count_kill(&self, reason: Option<KillReason>) {
@@ -517,14 +515,5 @@ impl<B: Backend> Muxer<B> {
                 }
             })
             .collect()
-    }
-
-    /// Whether a connection with the given state exists (for tests and invariants).
-    pub fn count_in_state(&self, state: State) -> usize {
-        self.slots
-            .iter()
-            .filter_map(|s| s.entry.as_ref())
-            .filter(|e| e.conn.state() == state)
-            .count()
     }
 }
