@@ -4,12 +4,20 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::backend::uplink::UplinkSpec;
 use crate::device::vsock::DEFAULT_MAX_CONNECTIONS;
 
 /// Default receive buffer per connection (what we advertise as `buf_alloc`).
 pub const DEFAULT_BUFFER_SIZE: u32 = 256 * 1024;
+
+/// Default time a client of the hybrid socket or of the CID registry has to send its
+/// `CONNECT` line (`handshake_timeout_ms`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = crate::backend::accept::DEFAULT_HANDSHAKE_TIMEOUT;
+
+/// Bounds of `handshake_timeout_ms`, in milliseconds.
+pub const HANDSHAKE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 10..=600_000;
 
 /// Everything needed to build a vsock device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +39,9 @@ pub struct VsockConfig {
     pub max_connections: usize,
     /// Receive buffer per connection.
     pub buffer_size: u32,
+    /// How long a client of the hybrid socket or of the CID registry may take to send its
+    /// `CONNECT` line before it is dropped (option `handshake_timeout_ms`, 10 ms to 10 min).
+    pub handshake_timeout: Duration,
 }
 
 /// A bad option string. Every variant names the key and value at fault.
@@ -61,7 +72,7 @@ impl fmt::Display for ConfigError {
             ConfigError::UnknownKey(k) => write!(
                 f,
                 "unknown key `{k}` (known: cid, socket, fallback, uplink, registry, listen, \
-                 max_connections, buffer_size)"
+                 max_connections, buffer_size, handshake_timeout_ms)"
             ),
             ConfigError::DuplicateKey(k) => write!(f, "key `{k}` given twice"),
             ConfigError::MissingValue(k) => write!(f, "key `{k}` needs a value (`{k}=...`)"),
@@ -144,6 +155,7 @@ impl VsockConfig {
             listen: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             buffer_size: DEFAULT_BUFFER_SIZE,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -207,6 +219,18 @@ impl FromStr for VsockConfig {
                             invalid("buffer_size", v, "expected 4096 to 16777216 bytes")
                         })?
                 }
+                "handshake_timeout_ms" => {
+                    let ms = decimal(v)
+                        .filter(|n: &u64| HANDSHAKE_TIMEOUT_MS.contains(n))
+                        .ok_or_else(|| {
+                            invalid(
+                                "handshake_timeout_ms",
+                                v,
+                                "expected 10 to 600000 milliseconds",
+                            )
+                        })?;
+                    cfg.handshake_timeout = Duration::from_millis(ms);
+                }
                 _ => return Err(ConfigError::UnknownKey(k.to_string())),
             }
         }
@@ -256,6 +280,38 @@ mod tests {
         assert!(c.listen.is_empty());
         assert_eq!(c.registry, None);
         assert_eq!(c.buffer_size, DEFAULT_BUFFER_SIZE);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn handshake_timeout_in_milliseconds() {
+        for (v, ms) in [
+            ("10", 10),
+            ("250", 250),
+            ("5000", 5000),
+            ("600000", 600_000),
+        ] {
+            let c: VsockConfig = format!("cid=3,socket=/s,uplink=none,handshake_timeout_ms={v}")
+                .parse()
+                .unwrap();
+            assert_eq!(c.handshake_timeout, Duration::from_millis(ms), "{v}");
+        }
+        for v in [
+            "0",
+            "9",
+            "600001",
+            "+100",
+            "1s",
+            "-5",
+            "99999999999999999999999",
+        ] {
+            let got = err(&format!("cid=3,socket=/s,handshake_timeout_ms={v}"));
+            assert!(
+                got.contains(&format!("invalid handshake_timeout_ms=`{v}`"))
+                    && got.contains("10 to 600000 milliseconds"),
+                "{v}: {got}"
+            );
+        }
     }
 
     #[test]

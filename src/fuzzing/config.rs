@@ -4,7 +4,8 @@
 //! Asserted: [`VsockConfig::from_str`] never panics; it refuses every string with an unknown,
 //! duplicate or valueless key or without `cid` and `socket`; an accepted configuration is within
 //! the documented bounds (CID 3 ..= u32::MAX − 1, unique listen ports below u32::MAX and only with
-//! an uplink, 1 ..= 65536 connections, 4 KiB ..= 16 MiB buffers) and prints back to an option
+//! an uplink, 1 ..= 65536 connections, 4 KiB ..= 16 MiB buffers, a handshake timeout of
+//! 10 ms ..= 10 min in whole milliseconds) and prints back to an option
 //! string that parses to the same value; numbers are plain decimal digits (no sign); every error
 //! prints and names its key.
 
@@ -21,6 +22,7 @@ const KEYS: &[&str] = &[
     "listen",
     "max_connections",
     "buffer_size",
+    "handshake_timeout_ms",
 ];
 
 /// Whether the string is well formed as key=value items: known keys, each once, each with a
@@ -45,7 +47,7 @@ fn plain_numbers(s: &str) -> bool {
     s.split(',')
         .filter_map(|i| i.split_once('='))
         .all(|(k, v)| match k {
-            "cid" | "max_connections" | "buffer_size" => digits(v),
+            "cid" | "max_connections" | "buffer_size" | "handshake_timeout_ms" => digits(v),
             "listen" => v.split('+').all(digits),
             _ => true,
         })
@@ -54,13 +56,15 @@ fn plain_numbers(s: &str) -> bool {
 /// The option string of a configuration, every key spelled out.
 fn to_option_string(c: &VsockConfig) -> String {
     let mut s = format!(
-        "cid={},socket={},fallback={},uplink={},max_connections={},buffer_size={}",
+        "cid={},socket={},fallback={},uplink={},max_connections={},buffer_size={},\
+         handshake_timeout_ms={}",
         c.cid,
         c.socket.display(),
         u8::from(c.g2h_fallback),
         c.uplink,
         c.max_connections,
-        c.buffer_size
+        c.buffer_size,
+        c.handshake_timeout.as_millis()
     );
     if let Some(r) = &c.registry {
         s.push_str(&format!(",registry={}", r.display()));
@@ -97,6 +101,12 @@ pub fn config(data: &[u8]) {
     assert!(!c.socket.as_os_str().is_empty(), "empty socket path");
     assert!((1..=65_536).contains(&c.max_connections));
     assert!((4096..=16 << 20).contains(&c.buffer_size));
+    let ms = c.handshake_timeout.as_millis();
+    assert!(
+        (10..=600_000).contains(&ms) && c.handshake_timeout.subsec_nanos() % 1_000_000 == 0,
+        "handshake timeout {:?}",
+        c.handshake_timeout
+    );
     for (i, p) in c.listen.iter().enumerate() {
         assert_ne!(*p, u32::MAX, "listen on the any-port");
         assert!(!c.listen[..i].contains(p), "listen port {p} twice");

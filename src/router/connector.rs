@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -20,9 +20,6 @@ use crate::backend::uplink::{Uplink, UplinkSpec};
 use crate::backend::vsock::{af_vsock_forbidden, FORBID_ENV};
 use crate::backend::{Backend, ConnectRequest, Incoming, Outgoing, Refusal};
 use crate::config::VsockConfig;
-
-/// How long a host client may take to send its `CONNECT` line.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the router could not be set up. Each message names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,14 +86,14 @@ impl Router {
                 }
             }
         }
-        let host = HostBackend::bind(&cfg.socket, HANDSHAKE_TIMEOUT).map_err(|source| {
+        let host = HostBackend::bind(&cfg.socket, cfg.handshake_timeout).map_err(|source| {
             RouterError::Socket {
                 path: cfg.socket.display().to_string(),
                 source,
             }
         })?;
         let registry = match &cfg.registry {
-            Some(dir) => Some(Registry::claim(dir, cfg.cid, HANDSHAKE_TIMEOUT)?),
+            Some(dir) => Some(Registry::claim(dir, cfg.cid, cfg.handshake_timeout)?),
             None => None,
         };
         let uplink_err = |source| RouterError::Uplink {

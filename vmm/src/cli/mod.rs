@@ -52,6 +52,8 @@ OPTIONS:
                              registry DIR shared by sibling VMMs (CID ownership)
                              listen   P1+P2: parent connections to these ports open into the guest
                              max_connections (default 1023), buffer_size (default 262144)
+                             handshake_timeout_ms  time a client of socket/registry has to
+                                      send its CONNECT line, 10 to 600000 (default 5000)
                            Example: --vsock cid=3,socket=/tmp/vm3.vsock,uplink=unix:/tmp/up,fallback=0
     --api-socket PATH      Serve the REST API (HTTP/1.1, JSON) on this Unix socket (mode 0600).
                            Example: --api-socket /tmp/vm3.api
