@@ -13,8 +13,12 @@
 //! - a client is closed, and never offered to the guest, if it closes before its `\n`, sends a
 //!   line longer than [`MAX_LINE`], sends bytes that cannot start a valid line, sends the other
 //!   kind of line, or does not finish its line within the handshake timeout;
-//! - at most `max_pending` clients may be mid-handshake; beyond that new clients are closed at
-//!   once.
+//! - at most `max_pending` clients may be mid-handshake; when a new client arrives and the table
+//!   is full, the oldest pending client is read one last time and, if its line is still not
+//!   complete, closed to make room. Refusing the newcomer instead would let anyone who holds
+//!   `max_pending` idle connections lock every other client out for a whole handshake timeout;
+//!   with eviction, idle clients only push each other out, and a client that sends its line at
+//!   once is only lost if `max_pending` newer clients arrive before the server reads it.
 //!
 //! The server owns an epoll set (the listener plus every pending client), so the device polls a
 //! single fd ([`HandshakeServer::poll_fd`]) and calls [`HandshakeServer::process`] when it is
@@ -109,7 +113,8 @@ impl LineKind {
 pub struct HandshakeStats {
     /// Clients accepted from the listener.
     pub accepted: u64,
-    /// Clients closed at once because `max_pending` were mid-handshake.
+    /// Pending clients closed, oldest first, to make room for a new one because `max_pending`
+    /// were mid-handshake.
     pub over_limit: u64,
     /// Clients that completed a valid line (handed out as [`Incoming`]).
     pub completed: u64,
@@ -213,7 +218,7 @@ impl HandshakeServer {
         };
         for ev in &events[..n] {
             match ev.data() {
-                LISTENER_TOKEN => self.accept(now),
+                LISTENER_TOKEN => self.accept(now, out),
                 id => self.read(id, out),
             }
         }
@@ -221,7 +226,7 @@ impl HandshakeServer {
         self.expire(now);
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, now: Instant, out: &mut Vec<Incoming<SockStream>>) {
         for _ in 0..ACCEPT_BATCH {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -235,10 +240,7 @@ impl HandshakeServer {
                 },
             };
             self.stats.accepted += 1;
-            if self.pending.len() >= self.max_pending {
-                self.stats.over_limit += 1;
-                continue;
-            }
+            self.make_room(out);
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("vsock backend: handshake client: {e}");
                 continue;
@@ -262,6 +264,22 @@ impl HandshakeServer {
                     deadline: now + self.timeout,
                 },
             );
+        }
+    }
+
+    /// Makes room for one more pending client: while `max_pending` are pending, the oldest gets
+    /// a last read (its line may be waiting in the socket) and is closed if still unfinished.
+    fn make_room(&mut self, out: &mut Vec<Incoming<SockStream>>) {
+        while self.pending.len() >= self.max_pending {
+            let Some((&id, _)) = self.pending.first_key_value() else {
+                return;
+            };
+            self.read(id, out);
+            if let Some(p) = self.pending.remove(&id) {
+                // Closing the fd also takes it out of the epoll set.
+                drop(p);
+                self.stats.over_limit += 1;
+            }
         }
     }
 

@@ -301,14 +301,62 @@ mod tests {
         ports.sort_unstable();
         assert_eq!(ports, (0..200).collect::<Vec<_>>());
 
-        // Beyond the limit new clients are closed at once.
+        // Beyond the limit the oldest unfinished client makes room for the newcomer.
         h.set_max_pending(2);
-        let _a = UnixStream::connect(h.socket_path()).unwrap();
+        out.clear();
+        let mut a = UnixStream::connect(h.socket_path()).unwrap();
+        run_until(&mut h, &mut out, |h, _| h.pending() == 1);
         let _b = UnixStream::connect(h.socket_path()).unwrap();
-        let mut over = UnixStream::connect(h.socket_path()).unwrap();
+        run_until(&mut h, &mut out, |h, _| h.pending() == 2);
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
         run_until(&mut h, &mut out, |h, _| h.stats().over_limit == 1);
         assert_eq!(h.pending(), 2);
-        assert_closed(&mut over);
+        assert_closed(&mut a);
+        // The newcomer is served.
+        c.write_all(b"CONNECT 9\n").unwrap();
+        run_until(&mut h, &mut out, |_, o| o.len() == 1);
+        assert_eq!(out[0].guest_port, 9);
+    }
+
+    #[test]
+    fn idle_clients_at_the_limit_do_not_lock_out_a_new_client() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        h.set_max_pending(8);
+        let mut out = Vec::new();
+        let idle: Vec<UnixStream> = (0..20)
+            .map(|_| UnixStream::connect(h.socket_path()).unwrap())
+            .collect();
+        run_until(&mut h, &mut out, |h, _| h.stats().accepted == 20);
+        assert_eq!(h.pending(), 8);
+        assert_eq!(h.stats().over_limit, 12);
+        // A client that sends its line at once is served long before the idle ones time out.
+        let start = Instant::now();
+        let mut c = UnixStream::connect(h.socket_path()).unwrap();
+        c.write_all(b"CONNECT 77\n").unwrap();
+        run_until(&mut h, &mut out, |_, o| o.len() == 1);
+        assert!(start.elapsed() < T, "served before the handshake timeout");
+        assert_eq!(out[0].guest_port, 77);
+        drop(idle);
+    }
+
+    #[test]
+    fn the_oldest_client_is_read_before_it_is_evicted() {
+        let dir = TempDir::new();
+        let mut h = host(&dir);
+        h.set_max_pending(1);
+        let mut out = Vec::new();
+        let mut a = UnixStream::connect(h.socket_path()).unwrap();
+        run_until(&mut h, &mut out, |h, _| h.pending() == 1);
+        // Its line arrives, and a newcomer too, before the server looks again.
+        a.write_all(b"CONNECT 5\n").unwrap();
+        let _b = UnixStream::connect(h.socket_path()).unwrap();
+        run_until(&mut h, &mut out, |h, o| {
+            h.stats().accepted == 2 && !o.is_empty()
+        });
+        assert_eq!(out[0].guest_port, 5);
+        assert_eq!(h.stats().over_limit, 0);
+        assert_eq!(h.pending(), 1);
     }
 
     #[test]
