@@ -16,6 +16,14 @@
 //! impersonate CIDs; share it between users only with a group and mode `0770` you set up
 //! yourself, and only between users you trust with every guest on the machine. A live listener
 //! is never replaced; a socket file nobody listens on (a crashed VMM) is removed and reclaimed.
+//!
+//! The socket itself does not rely on the directory alone: right after `bind` it is set to mode
+//! `0600`, or `0660` when the directory grants its group access (the shared-group setup above),
+//! whatever the umask. Connecting to a Unix socket needs write permission on it, so a user who is
+//! neither the owner nor (in a group-shared registry) in its group cannot reach a sibling's
+//! socket, and so cannot forge a `FROM` line, even if the directory is reachable. Between `bind`
+//! and that `chmod` the umask decides; only a directory others can enter (which
+//! [`Registry::claim`] warns about when it is world-writable) leaves that window open to them.
 
 use std::fmt;
 use std::fs::{self, DirBuilder};
@@ -81,6 +89,16 @@ impl std::error::Error for RegistryError {
     }
 }
 
+/// The mode of a CID's socket in a registry directory of mode `dir_mode`: never accessible to
+/// others; to the group only when the directory is shared with a group.
+pub fn socket_mode(dir_mode: u32) -> u32 {
+    if dir_mode & 0o070 != 0 {
+        0o660
+    } else {
+        0o600
+    }
+}
+
 fn guest_cid(cid: u64) -> bool {
     cid > 2 && cid < u64::from(u32::MAX)
 }
@@ -135,6 +153,11 @@ impl Registry {
                 }
             }
         })?;
+        let dir_mode = fs::metadata(dir)
+            .map(|m| m.permissions().mode())
+            .map_err(io_err(dir))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(socket_mode(dir_mode)))
+            .map_err(io_err(&path))?;
         let listener = socket.listener.try_clone().map_err(io_err(&path))?;
         let server = HandshakeServer::new(listener, LineKind::Registry, handshake_timeout)
             .map_err(io_err(&path))?;
@@ -315,6 +338,30 @@ mod tests {
         drop(a);
         assert!(!dir.join("5.sock").exists());
         let _again = Registry::claim(&dir, 5, T).unwrap();
+    }
+
+    #[test]
+    fn sockets_are_private_or_group_shared_never_open_to_others() {
+        let tmp = TempDir::new();
+        let private = tmp.join("private");
+        let a = Registry::claim(&private, 5, T).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(a.socket_path()), 0o600);
+        // A group-shared directory set up by the administrator (and an odd, open one).
+        for (dir_mode, want) in [
+            (0o770, 0o660),
+            (0o750, 0o660),
+            (0o755, 0o660),
+            (0o701, 0o600),
+        ] {
+            let shared = tmp.join(&format!("shared{dir_mode:o}"));
+            fs::create_dir(&shared).unwrap();
+            fs::set_permissions(&shared, fs::Permissions::from_mode(dir_mode)).unwrap();
+            let r = Registry::claim(&shared, 6, T).unwrap();
+            assert_eq!(mode(r.socket_path()), want, "directory {dir_mode:o}");
+        }
+        assert_eq!(socket_mode(0o777), 0o660);
+        assert_eq!(socket_mode(0o707), 0o600);
     }
 
     #[test]
