@@ -105,10 +105,12 @@ fn with_vsock(ctx: &ApiContext, f: impl FnOnce(&dyn VsockControl) -> Response) -
 }
 
 fn patch_vsock(vsock: &dyn VsockControl, body: &[u8]) -> Response {
-    // Require a JSON object: serde would also accept `[true]` for a one-field struct.
+    // Require a JSON object: serde would also accept `[true]` for a one-field struct. Then
+    // parse the bytes themselves, not the `Value` (which keeps the last of duplicate keys), so
+    // an ambiguous `{"g2h_fallback": true, "g2h_fallback": false}` is refused.
     let parsed = serde_json::from_slice::<serde_json::Value>(body).and_then(|v| {
         if v.is_object() {
-            serde_json::from_value::<VsockPatch>(v)
+            serde_json::from_slice::<VsockPatch>(body)
         } else {
             Err(serde::de::Error::custom("the body is not a JSON object"))
         }
@@ -236,6 +238,7 @@ mod tests {
             r#"{}"#,
             r#"[true]"#,
             r#"{"g2h_fallback": tru"#,
+            r#"{"g2h_fallback": true, "g2h_fallback": false}"#,
             "",
         ] {
             let (s, v, _) = call(&c, "PATCH", VSOCK, body);
