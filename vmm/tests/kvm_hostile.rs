@@ -260,13 +260,14 @@ impl Driver {
         self.a.outb(DEBUG_EXIT_PORT, n);
     }
 
-    /// The well-formed tail (staged by [`Rig::stage_good`] at TX avail position `tx`): publish
-    /// the REQUEST, wait for the answer in RX used slot `rx`, then send the RW.
-    fn good_tail(&mut self, tx: u16, rx: u16) {
-        self.publish(TXQ, tx + 1);
+    /// The well-formed tail (staged by [`Rig::stage_good`] at TX avail position `avail`):
+    /// publish the REQUEST, wait for the answer in RX used slot `rx`, then send the RW and wait
+    /// until both are back at TX used slots `used` and `used + 1`.
+    fn good_tail(&mut self, avail: u16, used: u16, rx: u16) {
+        self.publish(TXQ, avail + 1);
         self.wait_used(RXQ, rx + 1);
-        self.publish(TXQ, tx + 2);
-        self.wait_used(TXQ, tx + 2);
+        self.publish(TXQ, avail + 2);
+        self.wait_used(TXQ, used + 2);
     }
 
     /// Ends with debug exit [`DONE`]; returns the code and the meaning of each failure code.
@@ -544,8 +545,8 @@ impl Rig {
         s
     }
 
-    /// After [`Driver::good_tail`]`(tx, rx)`: the REQUEST got its RESPONSE in RX used slot
-    /// `rx`, both TX chains came back, the host side accepted and received `alive`, the
+    /// After [`Driver::good_tail`]`(_, tx, rx)`: the REQUEST got its RESPONSE in RX used slot
+    /// `rx`, both TX chains came back at TX used slots `tx` and `tx + 1`, the host side accepted and received `alive`, the
     /// connection is listed (the device thread answers), and the device still runs.
     fn check_good(&self, tx: u16, rx: u16) {
         let (h, len) = self.rx_answer(rx);
@@ -638,7 +639,7 @@ fn hostile_first_tx(
         d.wait_used(RXQ, 1);
     }
     d.checkpoint(1);
-    d.good_tail(1, answered);
+    d.good_tail(1, 1, answered);
     rig.boot(d);
 
     rig.expect_stop(1);
@@ -840,7 +841,7 @@ fn avail_index_jumping_ahead_is_refused_until_repaired() {
     d.checkpoint(1);
     // The repair: the index the driver meant, 0, kicked again; then the well-formed tail.
     d.publish(TXQ, 0);
-    d.good_tail(0, 0);
+    d.good_tail(0, 0, 0);
     rig.boot(d);
 
     rig.expect_stop(1);
@@ -868,7 +869,7 @@ fn avail_index_jumping_ahead_is_refused_until_repaired() {
 }
 
 /// RX buffers the device cannot write a packet into (read-only, shorter than a header, outside
-/// guest memory) are returned with length 0 and counted; the answer goes to the next good one.
+/// guest memory, a chain looping on itself) are returned with length 0 and counted; the answer goes to the next good one.
 #[test]
 fn rx_buffers_that_cannot_hold_a_packet_are_skipped() {
     let Some(mut rig) = Rig::new("rx_buffers_that_cannot_hold_a_packet_are_skipped", 114) else {
@@ -878,15 +879,16 @@ fn rx_buffers_that_cannot_hold_a_packet_are_skipped() {
         Desc::read_only(RX_BUFS, BUF as u32),
         Desc::writable(RX_BUFS + BUF, HEADER_LEN as u32 - 1),
         Desc::writable(MEM - 8, BUF as u32),
+        Desc::writable(RX_BUFS + 3 * BUF, 64).then(3),
     ];
-    bufs.extend((3..6).map(|i| Desc::writable(RX_BUFS + i * BUF, BUF as u32)));
+    bufs.extend((4..7).map(|i| Desc::writable(RX_BUFS + i * BUF, BUF as u32)));
     rig.post_rx(&bufs);
     rig.stage_good(0);
     let mut d = Driver::new();
     d.init(None, STATUS_OK);
     d.publish(RXQ, bufs.len() as u16);
     d.checkpoint(1);
-    d.good_tail(0, 3);
+    d.good_tail(0, 0, 4);
     rig.boot(d);
 
     rig.expect_stop(1);
@@ -898,15 +900,15 @@ fn rx_buffers_that_cannot_hold_a_packet_are_skipped() {
     rig.assert_running();
     rig.resume();
     rig.expect_stop(DONE);
-    for i in 0..3 {
+    for i in 0..4 {
         assert_eq!(
             rig.used_elem(RXQ, i),
             (u32::from(i), 0),
             "bad RX buffer {i}"
         );
     }
-    rig.check_good(0, 3);
-    rig.assert_counters(&[("malformed_chains", 3)]);
+    rig.check_good(0, 4);
+    rig.assert_counters(&[("malformed_chains", 4)]);
 }
 
 /// A queue register the device cannot use: activation is refused, Status gets
@@ -930,7 +932,7 @@ fn needs_reset_then_recovers(test: &str, cid: u64, quirk: (u16, u64, u32)) {
     d.clear_avail();
     d.init(None, STATUS_OK);
     d.publish(RXQ, 4);
-    d.good_tail(0, 0);
+    d.good_tail(0, 0, 0);
     rig.boot(d);
 
     rig.expect_stop(1);
@@ -1021,7 +1023,7 @@ fn rw_before_response_resets_the_host_connection() {
     d.wait_used(TXQ, 1);
     d.wait_used(RXQ, 2);
     d.checkpoint(3);
-    d.good_tail(1, 2);
+    d.good_tail(1, 1, 2);
     rig.boot(d);
 
     rig.expect_stop(1);
@@ -1068,4 +1070,40 @@ fn rw_before_response_resets_the_host_connection() {
     rig.expect_stop(DONE);
     rig.check_good(1, 2);
     rig.assert_counters(&[("protocol_error", 1)]);
+}
+
+/// An avail ring entry naming a descriptor head beyond the table: the device refuses the chain
+/// and cannot return a head that does not exist, so that entry never appears in the used ring;
+/// the next chain is served normally.
+#[test]
+fn tx_head_index_out_of_range_is_consumed_unanswered() {
+    let Some(mut rig) = Rig::new("tx_head_index_out_of_range_is_consumed_unanswered", 121) else {
+        return;
+    };
+    rig.post_rx_buffers(4);
+    rig.write_tx_packet(0, &hostile_request(121), &[]);
+    rig.write_desc(TXQ, 0, Desc::read_only(PKT, HEADER_LEN as u32));
+    rig.set_avail(TXQ, 0, QSIZE + 100);
+    rig.stage_good(1);
+    let mut d = Driver::new();
+    d.init(None, STATUS_OK);
+    d.publish(RXQ, 4);
+    d.publish(TXQ, 1);
+    d.checkpoint(1);
+    d.good_tail(1, 0, 0);
+    rig.boot(d);
+
+    rig.expect_stop(1);
+    rig.assert_counters(&[("malformed_chains", 1)]);
+    assert_eq!(
+        (rig.used_idx(TXQ), rig.used_idx(RXQ)),
+        (0, 0),
+        "nothing returned"
+    );
+    rig.assert_no_host_connection();
+    rig.assert_running();
+    rig.resume();
+    rig.expect_stop(DONE);
+    rig.check_good(0, 0);
+    rig.assert_counters(&[("malformed_chains", 1)]);
 }
