@@ -78,6 +78,17 @@ impl Asm {
         self.bytes(&imm.to_le_bytes())
     }
 
+    /// `mov word [addr], imm` (e.g. a virtqueue's avail index).
+    pub fn store16(&mut self, addr: u32, imm: u16) -> &mut Self {
+        self.abs(&[0x66, 0xc7], 0, addr);
+        self.bytes(&imm.to_le_bytes())
+    }
+
+    /// `movzx eax, word [addr]` (e.g. a virtqueue's used index).
+    pub fn load16_eax(&mut self, addr: u32) -> &mut Self {
+        self.abs(&[0x0f, 0xb7], 0, addr)
+    }
+
     /// `mov eax, dword [addr]`.
     pub fn load_eax(&mut self, addr: u32) -> &mut Self {
         self.abs(&[0x8b], 0, addr)
@@ -123,6 +134,12 @@ impl Asm {
     /// `cmp eax, imm`.
     pub fn cmp_eax(&mut self, imm: u32) -> &mut Self {
         self.bytes(&[0x3d]);
+        self.bytes(&imm.to_le_bytes())
+    }
+
+    /// `test eax, imm`.
+    pub fn test_eax(&mut self, imm: u32) -> &mut Self {
+        self.bytes(&[0xa9]);
         self.bytes(&imm.to_le_bytes())
     }
 
@@ -282,6 +299,34 @@ mod tests {
                 0x81, 0xbe, 0x02, 0x02, 0, 0, 0x48, 0x64, 0x72,
                 0x53, // cmp [rsi+0x202], 'HdrS'
                 0x66, 0xba, 0xf8, 0x03, 0xee, // mov dx, 0x3f8; out dx, al
+            ]
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_accesses_and_test() {
+        // Checked against GNU as (`movw $0x1234, 0x201002`; `movzwl 0x202002, %eax`).
+        let mut a = Asm::new(Mode::Protected32);
+        a.store16(0x20_1002, 0x1234)
+            .load16_eax(0x20_2002)
+            .test_eax(0x40);
+        assert_eq!(
+            a.finish(),
+            [
+                0x66, 0xc7, 0x05, 0x02, 0x10, 0x20, 0, 0x34,
+                0x12, // mov word [0x201002], 0x1234
+                0x0f, 0xb7, 0x05, 0x02, 0x20, 0x20, 0, // movzx eax, word [0x202002]
+                0xa9, 0x40, 0, 0, 0, // test eax, 0x40
+            ]
+        );
+        let mut a = Asm::new(Mode::Long64);
+        a.store16(0x20_1002, 0x1234).load16_eax(0x20_2002);
+        assert_eq!(
+            a.finish(),
+            [
+                0x66, 0xc7, 0x04, 0x25, 0x02, 0x10, 0x20, 0, 0x34,
+                0x12, // mov word [abs], imm16
+                0x0f, 0xb7, 0x04, 0x25, 0x02, 0x20, 0x20, 0, // movzx eax, word [abs]
             ]
         );
     }

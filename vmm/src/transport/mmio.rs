@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use log::{debug, error, warn};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vsock_router::device::virtio::{
     ActivateContext, GuestMemory, Interrupt, InterruptKind, VirtioDevice,
@@ -39,7 +40,7 @@ pub enum TransportError {
 /// The driver-written registers of one queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueRegisters {
-    /// QueueNum.
+    /// QueueNum (a value above `u16::MAX` reads as `u16::MAX`, which is never a valid size).
     pub size: u16,
     /// QueueReady.
     pub ready: bool,
@@ -213,7 +214,9 @@ impl MmioTransport {
             REG_DRIVER_FEATURES => self.write_driver_features(value),
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             REG_QUEUE_SEL => self.queue_sel = value,
-            REG_QUEUE_NUM => self.update_queue(|q| q.size = value as u16),
+            REG_QUEUE_NUM => {
+                self.update_queue(|q| q.size = u16::try_from(value).unwrap_or(u16::MAX))
+            }
             REG_QUEUE_READY => self.update_queue(|q| q.ready = value == 1),
             REG_QUEUE_DESC_LOW => self.update_queue(|q| set_low(&mut q.desc, value)),
             REG_QUEUE_DESC_HIGH => self.update_queue(|q| set_high(&mut q.desc, value)),
@@ -343,8 +346,14 @@ impl MmioTransport {
         };
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
-        for (regs, &max) in self.queues.iter().zip(&self.max_sizes) {
-            queues.push(build_queue(regs, max, event_idx));
+        for (index, (regs, &max)) in self.queues.iter().zip(&self.max_sizes).enumerate() {
+            match build_queue(regs, max, event_idx) {
+                Ok(q) => queues.push(q),
+                Err(e) => {
+                    error!("virtio-mmio: queue {index}: {e}");
+                    return false;
+                }
+            }
         }
         let kicks = match self
             .kicks
@@ -402,18 +411,30 @@ impl MmioTransport {
     }
 }
 
-fn build_queue(regs: &QueueRegisters, max: u16, event_idx: bool) -> Queue {
+/// Builds the queue the driver configured, or says which register holds a value the queue
+/// cannot take. virtio-queue's plain setters would log such a value and keep their default
+/// instead (size = maximum, ring addresses = 0), so the device would run on rings the driver
+/// never set up and write used elements at guest address 0.
+fn build_queue(regs: &QueueRegisters, max: u16, event_idx: bool) -> Result<Queue, String> {
     // `max` was validated in `MmioTransport::new`.
     let mut queue = Queue::new(max).expect("queue size validated at construction");
     if regs.size != 0 {
-        queue.set_size(regs.size);
+        queue
+            .try_set_size(regs.size)
+            .map_err(|e| format!("QueueNum {} (QueueNumMax {max}): {e}", regs.size))?;
     }
-    queue.set_desc_table_address(Some(regs.desc as u32), Some((regs.desc >> 32) as u32));
-    queue.set_avail_ring_address(Some(regs.driver as u32), Some((regs.driver >> 32) as u32));
-    queue.set_used_ring_address(Some(regs.device as u32), Some((regs.device >> 32) as u32));
+    queue
+        .try_set_desc_table_address(GuestAddress(regs.desc))
+        .map_err(|e| format!("QueueDesc {:#x}: {e}", regs.desc))?;
+    queue
+        .try_set_avail_ring_address(GuestAddress(regs.driver))
+        .map_err(|e| format!("QueueDriver {:#x}: {e}", regs.driver))?;
+    queue
+        .try_set_used_ring_address(GuestAddress(regs.device))
+        .map_err(|e| format!("QueueDevice {:#x}: {e}", regs.device))?;
     queue.set_event_idx(event_idx);
     queue.set_ready(regs.ready);
-    queue
+    Ok(queue)
 }
 
 fn set_low(reg: &mut u64, value: u32) {
@@ -616,6 +637,36 @@ mod tests {
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INT_CONFIG_CHANGE);
         assert_eq!(r(&mut t, REG_CONFIG_GENERATION), 1);
         assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+    }
+
+    /// Regression: virtio-queue's setters silently kept their defaults for these values, and
+    /// the device was activated on a queue at guest address 0 or of the maximum size.
+    #[test]
+    fn invalid_queue_registers_refuse_activation() {
+        let cases = [
+            (REG_QUEUE_NUM, 24),            // not a power of two
+            (REG_QUEUE_NUM, 512),           // above QueueNumMax
+            (REG_QUEUE_NUM, 0x1_0040),      // above u16::MAX (its low bits would be 64)
+            (REG_QUEUE_DESC_LOW, 0x8008),   // descriptor table not 16-byte aligned
+            (REG_QUEUE_DRIVER_LOW, 0x9001), // avail ring not 2-byte aligned
+            (REG_QUEUE_DEVICE_LOW, 0xa002), // used ring not 4-byte aligned
+        ];
+        for (reg, value) in cases {
+            let (mut t, log) = transport();
+            negotiate(&mut t);
+            setup_queues(&mut t);
+            w(&mut t, REG_QUEUE_SEL, 1);
+            w(&mut t, reg, value);
+            w(&mut t, REG_STATUS, ALL_OK);
+            assert_eq!(
+                r(&mut t, REG_STATUS),
+                ALL_OK | STATUS_DEVICE_NEEDS_RESET,
+                "register {reg:#x} = {value:#x}"
+            );
+            assert!(!t.is_activated());
+            assert_eq!(log.activations(), 0, "the device never saw the queue");
+            assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        }
     }
 
     #[test]

@@ -83,6 +83,91 @@ pub fn run_vcpu(mut vcpu: Vcpu, timeout: Duration) -> Result<VcpuStop, VcpuError
     panic!("the guest did not finish within {timeout:?}");
 }
 
+/// A vCPU on its own thread that stops at every debug exit and waits to be resumed, so a test
+/// can check the host side at the guest's checkpoints. Dropping it stops the vCPU (stop flag,
+/// then [`kick_signal`] until the thread returns, bounded).
+pub struct SteppedVcpu {
+    stops: mpsc::Receiver<Result<VcpuStop, VcpuError>>,
+    resume: Option<mpsc::Sender<()>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SteppedVcpu {
+    /// Starts running `vcpu`.
+    pub fn start(mut vcpu: Vcpu) -> Self {
+        install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stops) = mpsc::channel();
+        let (resume, resume_rx) = mpsc::channel::<()>();
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || loop {
+            let r = vcpu.run(&s);
+            let again = matches!(r, Ok(VcpuStop::DebugExit(_)));
+            if stop_tx.send(r).is_err() || !again || resume_rx.recv().is_err() {
+                break;
+            }
+        });
+        SteppedVcpu {
+            stops,
+            resume: Some(resume),
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// The next stop, or `None` if the vCPU has not stopped within `timeout`.
+    pub fn next_stop(&self, timeout: Duration) -> Option<Result<VcpuStop, VcpuError>> {
+        self.stops.recv_timeout(timeout).ok()
+    }
+
+    /// Lets the vCPU continue after a debug exit.
+    pub fn resume(&self) {
+        self.resume
+            .as_ref()
+            .expect("resume channel")
+            .send(())
+            .expect("the vCPU thread has ended");
+    }
+}
+
+impl Drop for SteppedVcpu {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Ends a wait for `resume`.
+        self.resume = None;
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        for _ in 0..500 {
+            if handle.is_finished() {
+                break;
+            }
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the thread is alive (not finished, not joined), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until `path` exists (bounded).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
