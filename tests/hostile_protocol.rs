@@ -175,6 +175,48 @@ fn request_flood_past_the_limit_is_bounded() {
 }
 
 #[test]
+fn half_open_connections_kept_forever_are_bounded_by_the_limit() {
+    let _serial = serial();
+    let mut cfg = DeviceConfig::new(GUEST);
+    cfg.max_connections = 8;
+    let (mut g, dev, host) = setup_with(cfg);
+    // Fill the table with connections the guest shuts for sending and then never closes.
+    let mut held = Vec::new();
+    for i in 0..8u32 {
+        let p = g.connect(2, 4300 + i).unwrap();
+        let (_, s) = host.accept(T).unwrap();
+        g.shutdown(p, shutdown::SEND);
+        held.push((p, s));
+    }
+    // Each host end sees EOF, yet the other direction stays open: legal, so the device keeps
+    // them. They hold their slots, so the next connection is refused, not queued.
+    for (_, s) in &mut held {
+        s.set_read_timeout(Some(T)).unwrap();
+        assert_eq!(
+            s.read(&mut [0u8; 8]).unwrap(),
+            0,
+            "host sees the guest's EOF"
+        );
+    }
+    assert_eq!(g.connect(2, 4400), Err(SockState::Reset));
+    assert!(dev.counters().conn_limit.load(Ordering::Relaxed) >= 1);
+    assert_eq!(dev.connections().len(), 8);
+    // Held for a while (no timer reaps a half-open connection) they still carry host data.
+    g.pump(Duration::from_millis(300));
+    for (p, s) in &mut held {
+        s.write_all(b"still here").unwrap();
+        assert_eq!(g.recv_exact(*p, 10, T), b"still here");
+    }
+    // Once the guest lets one go, its slot is free again.
+    let (p, _s) = held.pop().unwrap();
+    g.send_packet(&hdr(p, 4307, op::RST), &[]);
+    assert!(g.pump_until(T, |_| dev.connections().len() == 7));
+    let q = g.connect(2, 4401).unwrap();
+    let _ = host.accept(T).unwrap();
+    assert!(dev.connections().iter().any(|c| c.peer_port == q));
+}
+
+#[test]
 fn hundred_thousand_hostile_packets_leave_memory_bounded() {
     let _serial = serial();
     let (mut g, dev, host) = setup();

@@ -165,10 +165,17 @@ fn strict_mode_hammering_random_cids_makes_no_uplink_attempt() {
         &format!(",uplink=unix:{},fallback=0", up.display()),
     );
     let mut v = vm(&cfg);
-    for cid in (10..2000).step_by(37) {
+    // A live stand-in listener for every CID hammered: an attempt would be accepted there.
+    let cids: Vec<u64> = (10..2000).step_by(37).collect();
+    let listeners: Vec<_> = cids
+        .iter()
+        .map(|cid| counting_listener(&up.join(format!("{cid}_80"))).1)
+        .collect();
+    for &cid in &cids {
         assert_eq!(v.g.connect(cid, 80), Err(SockState::Reset), "cid {cid}");
     }
-    assert_eq!(std::fs::read_dir(&up).unwrap().count(), 0);
+    let attempts: usize = listeners.iter().map(accepted).sum();
+    assert_eq!(attempts, 0, "strict mode reached the stand-in uplink");
     assert_eq!(
         v.dev
             .counters()
@@ -176,6 +183,33 @@ fn strict_mode_hammering_random_cids_makes_no_uplink_attempt() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+#[test]
+fn reserved_and_own_cids_are_refused_even_with_fallback_on() {
+    let dir = TempDir::new("reserved");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let cfg = config(&dir, 3, &format!(",uplink=unix:{}", up.display()));
+    let mut v = vm(&cfg);
+    // 0 (hypervisor), 1 (local), our own CID, and CIDs beyond the 32-bit CID space.
+    let cids = [0u64, 1, 3, u64::from(u32::MAX), 1 << 32, u64::MAX];
+    let listeners: Vec<_> = cids
+        .iter()
+        .map(|cid| counting_listener(&up.join(format!("{cid}_80"))).1)
+        .collect();
+    for &cid in &cids {
+        assert_eq!(v.g.connect(cid, 80), Err(SockState::Reset), "cid {cid}");
+    }
+    let attempts: usize = listeners.iter().map(accepted).sum();
+    assert_eq!(attempts, 0, "a reserved CID reached the uplink");
+    let c = v.handle.counters();
+    assert_eq!(c.path_refused.load(std::sync::atomic::Ordering::Relaxed), 6);
+    assert_eq!(c.path_uplink.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // The device still routes a normal connection afterwards.
+    let (_, l) = counting_listener(&up.join("77_80"));
+    assert!(v.g.connect(77, 80).is_ok());
+    assert_eq!(accepted(&l), 1);
 }
 
 #[test]
