@@ -26,6 +26,7 @@
 mod artifacts;
 mod console;
 mod error;
+mod hybrid;
 mod process;
 mod vm;
 
@@ -35,5 +36,11 @@ pub use artifacts::{
 };
 pub use console::{parse_console, CheckResult, ConsoleReport, Status};
 pub use error::HarnessError;
-pub use process::{start_vhost_user_vsock, vhost_user_backend, wait_for_path, ProcessGuard};
+pub use hybrid::{
+    accept_and_read, connect_and_send, SiblingBarrier, BARRIER_GO_PORT, BARRIER_UP_PORT,
+};
+pub use process::{
+    start_vhost_user_vsock, start_vhost_user_vsock_vms, vhost_user_backend, wait_for_path,
+    ProcessGuard, VhostUserVm,
+};
 pub use vm::{base64, GuestKind, GuestRun, RunOutcome, RunningVm};

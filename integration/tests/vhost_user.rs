@@ -7,13 +7,13 @@
 //! The first run builds vhost-device-vsock from crates.io (a few minutes,
 //! cached). Run alone: `cargo test -p vsock-integration --test vhost_user -- --nocapture`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use vsock_integration::{artifacts_or_skip, start_vhost_user_vsock, GuestRun};
+use vsock_integration::{
+    accept_and_read, artifacts_or_skip, connect_and_send, start_vhost_user_vsock, GuestRun,
+};
 
 const LEN: usize = 1 << 20;
 
@@ -34,67 +34,6 @@ fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Accepts one connection (bounded wait) and reads it to EOF.
-fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u8>, String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + limit;
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(format!("no connection within {} s", limit.as_secs()));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    };
-    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(limit))
-        .map_err(|e| e.to_string())?;
-    let mut data = Vec::new();
-    stream.read_to_end(&mut data).map_err(|e| e.to_string())?;
-    Ok(data)
-}
-
-/// Hybrid-vsock host → guest: `CONNECT port`, wait for `OK`, send, close.
-/// Retries (bounded) while the guest is not listening yet.
-fn connect_and_send(uds: &Path, port: u32, data: &[u8], limit: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + limit;
-    let mut last_err = String::new();
-    while Instant::now() < deadline {
-        let attempt = || -> Result<String, String> {
-            let mut s = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))
-                .map_err(|e| e.to_string())?;
-            s.write_all(format!("CONNECT {port}\n").as_bytes())
-                .map_err(|e| format!("write CONNECT: {e}"))?;
-            let mut line = String::new();
-            BufReader::new(&s)
-                .read_line(&mut line)
-                .map_err(|e| format!("read OK: {e}"))?;
-            if !line.starts_with("OK ") {
-                return Err(format!("no OK line (got {line:?})"));
-            }
-            s.write_all(data).map_err(|e| format!("write data: {e}"))?;
-            s.shutdown(std::net::Shutdown::Write)
-                .map_err(|e| e.to_string())?;
-            // Wait until the guest has everything and closes its side.
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest);
-            Ok(line.trim().to_string())
-        };
-        match attempt() {
-            Ok(ok) => return Ok(ok),
-            Err(e) => last_err = e,
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Err(format!("gave up after {} s: {last_err}", limit.as_secs()))
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! End-to-end scenarios with real Linux guests: `vsock-vmm` boots the inner guest on the KVM
 //! host's real KVM (inside QEMU TCG), with its vsock device routing to Unix sockets and to the
-//! `unix:` uplink stand-in. One KVM-host boot runs scenarios 1, 2 and 5 of the integration issue:
-//! guest → host (8 MiB hash-checked, and both ways on one connection with half-close),
-//! host → guest through `CONNECT`, and strict vs fallback with a run-time switch.
+//! `unix:` uplink stand-in. One KVM-host boot runs scenarios 1, 2, 3 and 5 of the integration
+//! issue: guest → host (8 MiB hash-checked, and both ways on one connection with a half-close
+//! from either side), host → guest through `CONNECT`, 20 concurrent connections each way (every
+//! stream hash-checked), and strict vs fallback with a run-time switch.
 //!
 //! Run alone: `cargo test -p vsock-integration --test vsock_e2e -- --nocapture`.
 
@@ -16,7 +17,13 @@ want=$(vr_pattern_file /tmp/up.bin 8388608)
 echo fallback > /tmp/phase
 socat -u UNIX-LISTEN:/tmp/v.sock_1234 CREATE:/tmp/g2h.bin &
 socat -t 120 UNIX-LISTEN:/tmp/v.sock_1236 SYSTEM:'cat > /tmp/both.bin; cat /tmp/up.bin' &
+socat -t 120 UNIX-LISTEN:/tmp/v.sock_1237 'OPEN:/tmp/up.bin!!CREATE:/tmp/rev.bin' &
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
+vr_pattern_file /tmp/s.bin 262144 >/dev/null
+for i in $(seq 0 19); do
+	{ echo "stream $i"; cat /tmp/s.bin; } >/tmp/s$i.bin
+	socat -u UNIX-LISTEN:/tmp/v.sock_$((1300 + i)) CREATE:/tmp/c$i.bin &
+done
 socat -u UNIX-LISTEN:/tmp/up/77_6000 CREATE:/tmp/fallback.txt &
 socat -u UNIX-LISTEN:/tmp/up/77_6002 CREATE:/tmp/held.txt &
 socat -u UNIX-LISTEN:/tmp/up/77_6001,fork SYSTEM:'echo attempt >> /tmp/strict-attempts' &
@@ -35,6 +42,22 @@ for _ in $(seq 1 600); do
 	usleep 200000
 done
 [ -n "$ok" ] && vr_pass h2g-ok-line "$(head -n1 /tmp/h2g.reply)" || vr_fail h2g-ok-line "no OK line"
+
+# 3. host -> guest, 20 at once, each retried until the guest listens on its port.
+h2g_one() { # I
+	for _ in $(seq 1 300); do
+		{ printf 'CONNECT %d\n' $((5100 + $1)); cat /tmp/s$1.bin; } |
+			socat -t 30 - UNIX-CONNECT:/tmp/v.sock >/tmp/reply$1 2>/dev/null
+		head -c 3 /tmp/reply$1 | grep -q '^OK ' && return 0
+		usleep 300000
+	done
+	return 1
+}
+pids=
+for i in $(seq 0 19); do h2g_one "$i" & pids="$pids $!"; done
+failed=
+for p in $pids; do wait "$p" || failed="$failed $p"; done
+vr_expect_eq h2g-concurrent-ok-lines "" "$failed"
 
 # 5. The held uplink connection shows up in the API as path=uplink, to_host=true.
 seen=
@@ -56,6 +79,12 @@ vr_expect_eq vmm-exit-status 0 "$?"
 vr_relay inner </tmp/inner.log
 vr_expect_eq g2h-data "$want" "$(vr_sha256 /tmp/g2h.bin)"
 vr_expect_eq half-close-host-got "$want" "$(vr_sha256 /tmp/both.bin)"
+vr_expect_eq host-half-close-got "$want" "$(vr_sha256 /tmp/rev.bin)"
+bad=
+for i in $(seq 0 19); do
+	[ "$(vr_sha256 /tmp/c$i.bin)" = "$(vr_sha256 /tmp/s$i.bin)" ] || bad="$bad $i"
+done
+vr_expect_eq g2h-concurrent-20 "" "$bad"
 vr_expect_eq fallback-bytes fallback-hello "$(cat /tmp/fallback.txt)"
 vr_expect_eq held-bytes held-open "$(cat /tmp/held.txt)"
 vr_check strict-zero-uplink-attempts test ! -e /tmp/strict-attempts
@@ -78,18 +107,24 @@ fn guest_host_both_ways_and_strict_vs_fallback() {
             &[
                 "inner/g2h-upload",
                 "inner/g2h-half-close-reply",
+                "inner/h2g-half-close-got",
                 "inner/h2g-data",
+                "inner/g2h-concurrent-sent",
+                "inner/h2g-concurrent-20",
                 "inner/fallback-connect",
                 "inner/strict-refused",
                 "inner/strict-econnreset",
                 "inner/held-connection-survived",
                 "inner/done",
                 "h2g-ok-line",
+                "h2g-concurrent-ok-lines",
                 "api-shows-uplink-to-host",
                 "api-fallback-off",
                 "vmm-exit-status",
                 "g2h-data",
                 "half-close-host-got",
+                "host-half-close-got",
+                "g2h-concurrent-20",
                 "fallback-bytes",
                 "held-bytes",
                 "strict-zero-uplink-attempts",

@@ -9,9 +9,37 @@ vr_check g2h-upload socat -u FILE:/tmp/up.bin VSOCK-CONNECT:2:1234
 socat -t 120 -T 180 'FILE:/tmp/up.bin!!CREATE:/tmp/both.bin' VSOCK-CONNECT:2:1236
 vr_expect_eq g2h-half-close-reply "$up" "$(vr_sha256 /tmp/both.bin)"
 
+# 1c. The other half-close: the host sends 8 MiB and shuts its write side first; we read to
+# EOF, then answer with the same 8 MiB on the same connection.
+socat -t 120 -T 180 VSOCK-CONNECT:2:1237 SYSTEM:'cat >/tmp/rev.bin; cat /tmp/up.bin'
+vr_expect_eq h2g-half-close-got "$up" "$(vr_sha256 /tmp/rev.bin)"
+
 # 2. host -> guest: the host connects to <socket> with "CONNECT 5000".
 socat -u VSOCK-LISTEN:5000 CREATE:/tmp/h2g.bin
 vr_expect_eq h2g-data "$up" "$(vr_sha256 /tmp/h2g.bin)"
+
+# 3. 20 concurrent connections each way, 256 KiB each, a different stream on each.
+vr_pattern_file /tmp/s.bin 262144 >/dev/null
+for i in $(seq 0 19); do { echo "stream $i"; cat /tmp/s.bin; } >/tmp/s$i.bin; done
+rx=
+for i in $(seq 0 19); do
+	socat -u VSOCK-LISTEN:$((5100 + i)) CREATE:/tmp/r$i.bin &
+	rx="$rx $!"
+done
+tx=
+for i in $(seq 0 19); do
+	socat -u FILE:/tmp/s$i.bin VSOCK-CONNECT:2:$((1300 + i)) &
+	tx="$tx $!"
+done
+failed=
+for p in $tx; do wait "$p" || failed="$failed $p"; done
+vr_expect_eq g2h-concurrent-sent "" "$failed"
+for p in $rx; do wait "$p"; done
+bad=
+for i in $(seq 0 19); do
+	[ "$(vr_sha256 /tmp/r$i.bin)" = "$(vr_sha256 /tmp/s$i.bin)" ] || bad="$bad $i"
+done
+vr_expect_eq h2g-concurrent-20 "" "$bad"
 
 # 5. An unowned CID with fallback on: through the uplink stand-in.
 vr_check fallback-connect sh -c 'echo fallback-hello | socat -u - VSOCK-CONNECT:77:6000'

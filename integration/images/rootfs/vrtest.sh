@@ -80,6 +80,23 @@ vr_wait_for() {
 	done
 }
 
+# vr_sibling_barrier [SECS]: for TCG guests that are siblings on the machine's
+# vhost-device-vsock daemon (SiblingBarrier in integration/src/hybrid.rs):
+# report "up" to the machine (CID 2 port 9000), then wait until the machine
+# says every sibling is up (it connects to our port 9001). Send nothing to a
+# sibling's CID before this returns: vhost-device-vsock 0.3.0 stops serving
+# a guest that gets a sibling's packet before its device is running.
+vr_sibling_barrier() {
+	_secs="${1:-300}"
+	timeout "$_secs" socat -u VSOCK-LISTEN:9001 CREATE:/tmp/vr-go &
+	_go=$!
+	if ! vr_wait_for "$_secs" sh -c 'echo up | socat -u - VSOCK-CONNECT:2:9000 2>/dev/null'; then
+		kill "$_go" 2>/dev/null
+		return 1
+	fi
+	wait "$_go"
+}
+
 # CMD | vr_relay PREFIX: forward a nested guest's console (e.g. vsock-vmm's
 # serial output) without confusing the outer harness: result lines become
 # "VRTEST PREFIX/<name> ...", its VRTEST-DONE becomes the check

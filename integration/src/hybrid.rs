@@ -1,0 +1,125 @@
+//! The machine's side of hybrid vsock (Firecracker / Cloud Hypervisor Unix sockets, as served by
+//! `vhost-device-vsock` in `uds-path` mode) for tests whose TCG guests have a vhost-user
+//! virtio-vsock device: accept what a guest sends to CID 2, connect to a guest port, and the
+//! start barrier of sibling guests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The guest port on CID 2 that `vr_sibling_barrier` (in the guests' `vrtest.sh`) reports on.
+pub const BARRIER_UP_PORT: u32 = 9000;
+/// The guest port that `vr_sibling_barrier` waits on for the go-ahead.
+pub const BARRIER_GO_PORT: u32 = 9001;
+
+/// Accepts one connection on `listener` (bounded wait) and reads it to EOF.
+pub fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u8>, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + limit;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(format!("no connection within {} s", limit.as_secs()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data).map_err(|e| e.to_string())?;
+    Ok(data)
+}
+
+/// Host → guest: `CONNECT port` on the guest's `uds`, wait for `OK`, send `data`, shut the
+/// write side and wait for the guest to close. Retries (bounded by `limit`) while the guest does
+/// not listen yet. Returns the `OK` line.
+pub fn connect_and_send(
+    uds: &Path,
+    port: u32,
+    data: &[u8],
+    limit: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + limit;
+    let mut last_err = String::new();
+    while Instant::now() < deadline {
+        let attempt = || -> Result<String, String> {
+            let mut s = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes())
+                .map_err(|e| format!("write CONNECT: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(&s)
+                .read_line(&mut line)
+                .map_err(|e| format!("read OK: {e}"))?;
+            if !line.starts_with("OK ") {
+                return Err(format!("no OK line (got {line:?})"));
+            }
+            s.write_all(data).map_err(|e| format!("write data: {e}"))?;
+            s.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            // Wait until the guest has everything and closes its side.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            Ok(line.trim().to_string())
+        };
+        match attempt() {
+            Ok(ok) => return Ok(ok),
+            Err(e) => last_err = e,
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(format!("gave up after {} s: {last_err}", limit.as_secs()))
+}
+
+/// The start barrier of guests that are siblings on one `vhost-device-vsock` daemon: a guest's
+/// device must be running before any sibling sends to it — vhost-device-vsock 0.3.0 ends its
+/// service thread for a guest when a sibling's packet arrives before that guest's rings are set
+/// up (its `SIBLING_VM_EVENT` handler fails with `NoMemoryConfigured`), and every later packet to
+/// that CID is lost. Each guest calls `vr_sibling_barrier` (CID 2 traffic is safe: it never takes
+/// the sibling path); this waits until every guest has reported on `<uds>_9000`, then releases
+/// them all through `CONNECT 9001`. Bounded by `limit`.
+pub struct SiblingBarrier {
+    listeners: Vec<(PathBuf, UnixListener)>,
+}
+
+impl SiblingBarrier {
+    /// Listens on `<uds>_9000` for each guest's hybrid-vsock socket `uds`.
+    pub fn new(uds_paths: &[&Path]) -> Result<Self, String> {
+        let listeners = uds_paths
+            .iter()
+            .map(|uds| {
+                let up = PathBuf::from(format!("{}_{BARRIER_UP_PORT}", uds.display()));
+                UnixListener::bind(&up)
+                    .map(|l| (uds.to_path_buf(), l))
+                    .map_err(|e| format!("bind {}: {e}", up.display()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SiblingBarrier { listeners })
+    }
+
+    /// Waits for every guest's report, then lets them all go. Returns how long the slowest took.
+    pub fn wait(self, limit: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        for (uds, listener) in &self.listeners {
+            let left = limit.saturating_sub(start.elapsed());
+            accept_and_read(listener, left)
+                .map_err(|e| format!("barrier: no report from {}: {e}", uds.display()))?;
+        }
+        let all_up = start.elapsed();
+        for (uds, _) in &self.listeners {
+            let left = limit.saturating_sub(start.elapsed());
+            connect_and_send(uds, BARRIER_GO_PORT, b"go\n", left)
+                .map_err(|e| format!("barrier: cannot release {}: {e}", uds.display()))?;
+        }
+        Ok(all_up)
+    }
+}
