@@ -17,6 +17,9 @@ fi
 # Guest images (kernel, initramfs, KVM host) and their apt dependencies: built once, cached.
 if [ "${VR_INTEGRATION:-}" != skip ]; then
     bash integration/images/build-all.sh >/dev/null
+    # rust-vmm's vhost-device-vsock from crates.io (pinned, cached): the "cloud host" of the
+    # uplink tests, run in Unix-socket mode only.
+    bash integration/images/build-vhost-user-backend.sh >/dev/null
 fi
 
 cargo test --workspace --no-fail-fast "$@"
