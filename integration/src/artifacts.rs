@@ -249,7 +249,11 @@ pub fn artifacts_or_skip(test: &str) -> Option<&'static Artifacts> {
         "VR_INTEGRATION=skip".to_string()
     } else {
         match ensure_artifacts() {
-            Ok(a) => return Some(a),
+            Ok(a) => {
+                let line = format!("[vsock-integration] {test}: platform: {}\n", platform());
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                return Some(a);
+            }
             Err(HarnessError::Unavailable(why)) => why,
             Err(e) => panic!("{test}: {e}"),
         }
@@ -262,6 +266,16 @@ pub fn artifacts_or_skip(test: &str) -> Option<&'static Artifacts> {
     let line = format!("SKIPPED: {test}: {reason}\n");
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     None
+}
+
+/// Which platform runs the real-guest scenarios here, for the test logs.
+pub fn platform() -> &'static str {
+    if host_has_hardware_kvm() {
+        "QEMU TCG KVM host (this machine has hardware virtualization too, but the scenarios \
+         always run vsock-vmm nested in the TCG KVM host)"
+    } else {
+        "QEMU TCG KVM host, vsock-vmm on its (emulated-SVM) KVM; no hardware virtualization here"
+    }
 }
 
 #[cfg(test)]
