@@ -51,6 +51,8 @@ pub enum RegistryError {
         /// The registry directory.
         dir: PathBuf,
     },
+    /// The registry directory is writable by every user: anyone could claim or impersonate CIDs.
+    WorldWritable(PathBuf),
     /// A filesystem or socket operation on `path` failed.
     Io {
         /// The path involved.
@@ -71,6 +73,12 @@ impl fmt::Display for RegistryError {
             RegistryError::CidInUse { cid, dir } => write!(
                 f,
                 "CID {cid} is in use by a live VMM (registry {})",
+                dir.display()
+            ),
+            RegistryError::WorldWritable(dir) => write!(
+                f,
+                "CID registry {} is writable by every user, who could then claim or impersonate \
+                 CIDs; make it 0700 (or 0770 for a trusted group)",
                 dir.display()
             ),
             RegistryError::Io { path, source } => {
@@ -130,14 +138,9 @@ impl Registry {
                 .create(dir)
                 .map_err(io_err(dir))?;
         }
-        if let Ok(m) = fs::metadata(dir) {
-            if m.permissions().mode() & 0o002 != 0 {
-                log::warn!(
-                    "CID registry {} is world-writable: any local user can claim or \
-                     impersonate CIDs",
-                    dir.display()
-                );
-            }
+        let dir_mode = fs::metadata(dir).map_err(io_err(dir))?.permissions().mode();
+        if dir_mode & 0o002 != 0 {
+            return Err(RegistryError::WorldWritable(dir.to_path_buf()));
         }
         let path = Self::socket_of(dir, cid);
         let socket = BoundSocket::bind(&path).map_err(|e| {
@@ -153,9 +156,6 @@ impl Registry {
                 }
             }
         })?;
-        let dir_mode = fs::metadata(dir)
-            .map(|m| m.permissions().mode())
-            .map_err(io_err(dir))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(socket_mode(dir_mode)))
             .map_err(io_err(&path))?;
         let listener = socket.listener.try_clone().map_err(io_err(&path))?;
@@ -362,6 +362,20 @@ mod tests {
         }
         assert_eq!(socket_mode(0o777), 0o660);
         assert_eq!(socket_mode(0o707), 0o600);
+    }
+
+    #[test]
+    fn a_world_writable_directory_is_refused() {
+        let tmp = TempDir::new();
+        for dir_mode in [0o777, 0o1777, 0o703] {
+            let open = tmp.join(&format!("open{dir_mode:o}"));
+            fs::create_dir(&open).unwrap();
+            fs::set_permissions(&open, fs::Permissions::from_mode(dir_mode)).unwrap();
+            let e = Registry::claim(&open, 5, T).unwrap_err();
+            assert!(matches!(e, RegistryError::WorldWritable(_)), "{e:?}");
+            assert!(e.to_string().contains("writable by every user"), "{e}");
+            assert!(!open.join("5.sock").exists(), "nothing claimed");
+        }
     }
 
     #[test]
