@@ -268,14 +268,30 @@ pub fn artifacts_or_skip(test: &str) -> Option<&'static Artifacts> {
     None
 }
 
-/// Which platform runs the real-guest scenarios here, for the test logs.
+/// Which platforms run the real-guest scenarios here, for the test logs.
 pub fn platform() -> &'static str {
     if host_has_hardware_kvm() {
-        "QEMU TCG KVM host (this machine has hardware virtualization too, but the scenarios \
-         always run vsock-vmm nested in the TCG KVM host)"
+        "QEMU TCG KVM host, and (for the `*_on_this_machine` tests) vsock-vmm directly on this \
+         machine's hardware KVM"
     } else {
         "QEMU TCG KVM host, vsock-vmm on its (emulated-SVM) KVM; no hardware virtualization here"
     }
+}
+
+/// For the direct variants of the scenarios ([`crate::GuestRun::machine`]): the artifacts when
+/// this machine has hardware virtualization; otherwise `None` after a loud `SKIPPED:` line
+/// (kvm_pvm and other software KVMs cannot run a Linux guest's user space, so there the
+/// scenario runs only in the TCG KVM host, its other variant).
+pub fn hardware_kvm_or_skip(test: &str) -> Option<&'static Artifacts> {
+    if !host_has_hardware_kvm() {
+        let line = format!(
+            "SKIPPED: {test}: no hardware virtualization (vmx/svm) on this machine; the same \
+             scenario runs nested in the TCG KVM host instead\n"
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        return None;
+    }
+    artifacts_or_skip(test)
 }
 
 #[cfg(test)]

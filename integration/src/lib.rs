@@ -27,12 +27,13 @@ mod artifacts;
 mod console;
 mod error;
 mod hybrid;
+mod machine;
 mod process;
 mod vm;
 
 pub use artifacts::{
-    artifacts_or_skip, build_workspace_binary, ensure_artifacts, host_has_hardware_kvm, images_dir,
-    parse_artifacts_env, Artifacts,
+    artifacts_or_skip, build_workspace_binary, ensure_artifacts, hardware_kvm_or_skip,
+    host_has_hardware_kvm, images_dir, parse_artifacts_env, platform, Artifacts,
 };
 pub use console::{parse_console, CheckResult, ConsoleReport, Status};
 pub use error::HarnessError;

@@ -28,16 +28,7 @@ impl ProcessGuard {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
-        // parent memory; it only asks the kernel to kill the child with us.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        kill_with_parent(cmd);
         let child = cmd
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("cannot start {name}: {e}")))?;
@@ -198,4 +189,20 @@ pub fn start_vhost_user_vsock_vms(vms: &[VhostUserVm<'_>]) -> Result<ProcessGuar
         }
     }
     Ok(guard)
+}
+
+/// Makes the kernel kill (SIGKILL) the process `cmd` starts when the thread that started it
+/// dies, even if that thread never runs our `Drop` (a panicking or killed test). The setting
+/// survives `exec`.
+pub(crate) fn kill_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no parent memory; it
+    // only asks the kernel to kill the child with us.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

@@ -9,7 +9,6 @@
 //!   themselves; in real tests `vsock-vmm` boots it inside the KVM host).
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +37,10 @@ pub enum GuestKind {
     KvmHost,
     /// The inner guest kernel + initramfs, booted directly by QEMU TCG.
     InnerDirect,
+    /// No VM: a KVM-host scenario run directly on this machine (see `integration/src/machine.rs`), for
+    /// machines with hardware virtualization, where `vsock-vmm` boots the inner guest on the
+    /// machine's own `/dev/kvm`.
+    Machine,
 }
 
 #[derive(Clone, Debug)]
@@ -76,6 +79,7 @@ impl GuestRun {
         let (memory, smp, timeout) = match kind {
             GuestKind::KvmHost => ("2G", 2, Duration::from_secs(180)),
             GuestKind::InnerDirect => ("256M", 1, Duration::from_secs(60)),
+            GuestKind::Machine => ("-", 0, Duration::from_secs(180)),
         };
         GuestRun {
             name: format!("{kind:?}"),
@@ -98,6 +102,14 @@ impl GuestRun {
     /// Defaults: 2 GiB, 2 vCPUs, module set `kvm`, 180 s limit.
     pub fn kvm_host(script: impl Into<String>) -> Self {
         Self::new(GuestKind::KvmHost, Scenario::Script(script.into()))
+    }
+
+    /// A KVM-host scenario run directly on this machine instead of in the TCG KVM host: same
+    /// script, helpers and layout (inner images at `$VR_INNER/`), a private `/tmp`, binaries
+    /// from [`GuestRun::binary`] on `PATH`. Only meaningful with hardware virtualization
+    /// ([`crate::host_has_hardware_kvm`]); scripts that mention AF_VSOCK are refused.
+    pub fn machine(script: impl Into<String>) -> Self {
+        Self::new(GuestKind::Machine, Scenario::Script(script.into()))
     }
 
     /// The inner guest booted directly under QEMU with `script` as its
@@ -226,16 +238,24 @@ impl GuestRun {
     /// Boots the guest and returns at once; QEMU is killed when the returned
     /// [`RunningVm`] is dropped.
     pub fn spawn(&self, artifacts: &Artifacts) -> Result<RunningVm, HarnessError> {
+        // A machine run hides the machine's /tmp behind its own: its files live elsewhere.
+        let parent = match self.kind {
+            GuestKind::Machine => PathBuf::from("/var/tmp"),
+            _ => std::env::temp_dir(),
+        };
         let (tempdir, dir) = match &self.workdir {
             Some(d) => (None, d.clone()),
             None => {
                 let t = tempfile::Builder::new()
                     .prefix("vr-integration.")
-                    .tempdir()?;
+                    .tempdir_in(&parent)?;
                 let d = t.path().to_path_buf();
                 (Some(t), d)
             }
         };
+        if self.kind == GuestKind::Machine {
+            return self.spawn_on_machine(artifacts, tempdir, dir);
+        }
         let guest_timeout = self.timeout.as_secs().saturating_sub(10).max(5);
         let mut append = format!("vr.timeout={guest_timeout}");
         let (kernel, initrd) = match self.kind {
@@ -247,6 +267,7 @@ impl GuestRun {
                 self.make_host_initramfs(artifacts, &dir, script, &initrd)?;
                 (artifacts.host_kernel.clone(), initrd)
             }
+            GuestKind::Machine => unreachable!("handled above"),
             GuestKind::InnerDirect => {
                 if !self.binaries.is_empty() || !self.files.is_empty() {
                     return Err(HarnessError::Setup(
@@ -304,21 +325,55 @@ impl GuestRun {
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
-        // memory of the parent; it makes the kernel kill QEMU if the test
-        // thread dies without running our Drop (the script execs QEMU, and
-        // the setting survives exec).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // The script execs QEMU, which so dies with the test thread.
+        crate::process::kill_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("cannot start run-kvm-host.sh: {e}")))?;
+        Ok(RunningVm {
+            name: self.name.clone(),
+            child: Some(child),
+            dir,
+            _tempdir: tempdir,
+            console_path,
+            qemu_log_path,
+            started: Instant::now(),
+            timeout: self.timeout,
+        })
+    }
+
+    fn spawn_on_machine(
+        &self,
+        artifacts: &Artifacts,
+        tempdir: Option<tempfile::TempDir>,
+        dir: PathBuf,
+    ) -> Result<RunningVm, HarnessError> {
+        let Scenario::Script(script) = &self.scenario else {
+            return Err(HarnessError::Setup("machine runs take a script".into()));
+        };
+        if dir.starts_with("/tmp") {
+            return Err(HarnessError::Setup(format!(
+                "{}: a machine run's directory cannot be under /tmp, which it hides",
+                self.name
+            )));
+        }
+        if !self.files.is_empty() || !self.qemu_args.is_empty() || self.memfd {
+            return Err(HarnessError::Setup(format!(
+                "{}: files, QEMU arguments and memfd need a VM, not a machine run",
+                self.name
+            )));
+        }
+        let console_path = dir.join("console.log");
+        let qemu_log_path = dir.join("qemu.log");
+        File::create(&qemu_log_path)?;
+        let child = crate::machine::spawn(
+            &self.name,
+            script,
+            &self.binaries,
+            artifacts,
+            &dir,
+            &console_path,
+        )?;
         Ok(RunningVm {
             name: self.name.clone(),
             child: Some(child),

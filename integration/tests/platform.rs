@@ -48,7 +48,7 @@ else
 	vr_fail kvm-host-svm "$(dmesg | grep -i -e svm -e kvm | tail -n 3)"
 fi
 vr_check kvm-host-dev-vsock test -c /dev/vsock
-vr_check kvm-host-inner-images test -s /vr/inner/vmlinux -a -s /vr/inner/initramfs.cpio
+vr_check kvm-host-inner-images test -s $VR_INNER/vmlinux -a -s $VR_INNER/initramfs.cpio
 vr_check kvm-host-loopback ip link show lo
 vr_info kvm-host-uptime-ms "$(vr_uptime_ms)"
 "#;
@@ -278,5 +278,67 @@ vr_relay inner </tmp/inner.log
             .get("g2h-ms")
             .map_or("?", String::as_str),
         outcome.elapsed.as_secs_f64()
+    );
+}
+
+/// The direct variant of the scenarios (`GuestRun::machine`) runs here too, without a guest:
+/// the KVM host's layout, a private `/tmp`, and every process gone when the run ends.
+#[test]
+fn a_machine_run_has_the_kvm_host_layout() {
+    let name = "a_machine_run_has_the_kvm_host_layout";
+    let Some(artifacts) = artifacts_or_skip(name) else {
+        return;
+    };
+    // In the machine's own /tmp, which the run must not see.
+    let marker = tempfile::Builder::new()
+        .prefix("vr-machine-marker.")
+        .tempfile_in("/tmp")
+        .unwrap();
+    let vmm = vsock_integration::build_workspace_binary("vsock-vmm", "vsock-vmm").unwrap();
+    let script = format!(
+        r#"
+vr_check private-tmp test ! -e {marker}
+vr_check tmp-writable sh -c 'echo x >/tmp/x && test -s /tmp/x'
+vr_check vsock-vmm-on-path sh -c 'vsock-vmm --help 2>&1 | grep -q -- --vsock'
+vr_check socat-on-path sh -c 'socat -V | grep -q "socat version"'
+vr_check busybox-applets usleep 1000
+vr_check inner-images test -s "$VR_INNER/vmlinux" -a -s "$VR_INNER/initramfs.cpio"
+vr_check own-pid-namespace test "$(cat /proc/1/comm)" = sh
+sleep 6543 &
+vr_check background-process-runs kill -0 $!
+"#,
+        marker = marker.path().display()
+    );
+    GuestRun::machine(script)
+        .name(name)
+        .binary(vmm)
+        .timeout(std::time::Duration::from_secs(60))
+        .run(
+            artifacts,
+            &[
+                "private-tmp",
+                "tmp-writable",
+                "vsock-vmm-on-path",
+                "socat-on-path",
+                "busybox-applets",
+                "inner-images",
+                "own-pid-namespace",
+                "background-process-runs",
+            ],
+        )
+        .unwrap();
+    // The run's `sleep 6543` died with it.
+    let leftover = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .any(|c| c == b"sleep\x006543\x00");
+    assert!(!leftover, "a process of the machine run outlived it");
+    let refused = GuestRun::machine("socat - VSOCK-CONNECT:2:1234\n")
+        .name("af-vsock-script")
+        .spawn(artifacts)
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("must not use AF_VSOCK"),
+        "{refused}"
     );
 }

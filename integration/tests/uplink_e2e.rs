@@ -36,7 +36,7 @@ echo fallback > /tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
 socat -u UNIX-LISTEN:/tmp/v.sock_998 CREATE:/tmp/fallback-done &
 socat -u UNIX-LISTEN:/tmp/v.sock_997 CREATE:/tmp/strict-done &
-vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio --memory size=192M \
+vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=192M \
 	--cmdline "$(vr_inner_cmdline vr.scenario=uplink vr.timeout=500)" \
 	--vsock cid=5,socket=/tmp/v.sock,uplink=/dev/vsock,fallback=1,registry=/tmp/reg,listen=8000 \
 	--api-socket /tmp/api >/tmp/inner.log 2>&1 &
@@ -79,7 +79,7 @@ vr_check reboot-cleanup test ! -e /tmp/v.sock -a ! -e /tmp/reg/5.sock
 
 # 9. A second VMM claims CID 5 again; SIGTERM ends it with status 0 and the same clean-up.
 echo 'sleep 600' >/tmp/idle.sh
-vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio --memory size=128M \
+vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=128M \
 	--cmdline "$(vr_inner_cmdline "$(vr_cmd_arg /tmp/idle.sh)" vr.timeout=600)" \
 	--vsock cid=5,socket=/tmp/v2.sock,uplink=/dev/vsock,registry=/tmp/reg,listen=8000 \
 	--api-socket /tmp/api2 >/tmp/inner2.log 2>&1 &

@@ -15,7 +15,7 @@ fn vsock_vmm_boots_linux_to_user_space() {
 cat > /tmp/inner.sh <<'EOS'
 vr_pass userspace "uptime_ms=$(vr_uptime_ms)"
 EOS
-vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio \
+vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio \
     --memory size=256M \
     --cmdline "$(vr_inner_cmdline "$(vr_cmd_arg /tmp/inner.sh)")" 2>&1 | vr_relay inner
 vr_info vmm-rc "$?"

@@ -5,11 +5,18 @@
 //! from either side), host → guest through `CONNECT`, 20 concurrent connections each way (every
 //! stream hash-checked), and strict vs fallback with a run-time switch.
 //!
+//! Each scenario also has an `_on_this_machine` variant that runs the same script directly on
+//! this machine, `vsock-vmm` booting the inner guest on the machine's own KVM: it runs where the
+//! CPU has hardware virtualization and says SKIPPED elsewhere (kvm_pvm cannot run a Linux
+//! guest's user space).
+//!
 //! Run alone: `cargo test -p vsock-integration --test vsock_e2e -- --nocapture`.
 
 use std::time::Duration;
 
-use vsock_integration::{artifacts_or_skip, build_workspace_binary, GuestRun};
+use vsock_integration::{
+    artifacts_or_skip, build_workspace_binary, hardware_kvm_or_skip, Artifacts, GuestRun,
+};
 
 const HOST_SIDE: &str = r#"
 mkdir -p /tmp/up
@@ -27,7 +34,7 @@ done
 socat -u UNIX-LISTEN:/tmp/up/77_6000 CREATE:/tmp/fallback.txt &
 socat -u UNIX-LISTEN:/tmp/up/77_6002 CREATE:/tmp/held.txt &
 socat -u UNIX-LISTEN:/tmp/up/77_6001,fork SYSTEM:'echo attempt >> /tmp/strict-attempts' &
-vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio --memory size=256M \
+vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=256M \
     --cmdline "$(vr_inner_cmdline vr.scenario=vsock-e2e vr.timeout=400)" \
     --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1 \
     --api-socket /tmp/api >/tmp/inner.log 2>&1 &
@@ -91,53 +98,75 @@ vr_check strict-zero-uplink-attempts test ! -e /tmp/strict-attempts
 vr_check sockets-removed test ! -e /tmp/v.sock
 "#;
 
+/// Checks of [`HOST_SIDE`] that must pass.
+const HOST_SIDE_CHECKS: &[&str] = &[
+    "inner/g2h-upload",
+    "inner/g2h-half-close-reply",
+    "inner/h2g-half-close-got",
+    "inner/h2g-data",
+    "inner/g2h-concurrent-sent",
+    "inner/h2g-concurrent-20",
+    "inner/fallback-connect",
+    "inner/strict-refused",
+    "inner/strict-econnreset",
+    "inner/held-connection-survived",
+    "inner/done",
+    "h2g-ok-line",
+    "h2g-concurrent-ok-lines",
+    "api-shows-uplink-to-host",
+    "api-fallback-off",
+    "vmm-exit-status",
+    "g2h-data",
+    "half-close-host-got",
+    "host-half-close-got",
+    "g2h-concurrent-20",
+    "fallback-bytes",
+    "held-bytes",
+    "strict-zero-uplink-attempts",
+    "sockets-removed",
+];
+
 #[test]
 fn guest_host_both_ways_and_strict_vs_fallback() {
     let name = "guest_host_both_ways_and_strict_vs_fallback";
-    let Some(artifacts) = artifacts_or_skip(name) else {
-        return;
-    };
+    if let Some(artifacts) = artifacts_or_skip(name) {
+        run(
+            GuestRun::kvm_host(HOST_SIDE),
+            name,
+            artifacts,
+            HOST_SIDE_CHECKS,
+        );
+    }
+}
+
+#[test]
+fn guest_host_both_ways_and_strict_vs_fallback_on_this_machine() {
+    let name = "guest_host_both_ways_and_strict_vs_fallback_on_this_machine";
+    if let Some(artifacts) = hardware_kvm_or_skip(name) {
+        run(
+            GuestRun::machine(HOST_SIDE),
+            name,
+            artifacts,
+            HOST_SIDE_CHECKS,
+        );
+    }
+}
+
+/// Runs a scenario with `vsock-vmm` on `PATH`, in the TCG KVM host or on this machine.
+fn run(platform: GuestRun, name: &str, artifacts: &Artifacts, checks: &[&str]) {
     let vmm = build_workspace_binary("vsock-vmm", "vsock-vmm").unwrap();
-    GuestRun::kvm_host(HOST_SIDE)
+    platform
         .name(name)
         .binary(vmm)
         .timeout(Duration::from_secs(600))
-        .run(
-            artifacts,
-            &[
-                "inner/g2h-upload",
-                "inner/g2h-half-close-reply",
-                "inner/h2g-half-close-got",
-                "inner/h2g-data",
-                "inner/g2h-concurrent-sent",
-                "inner/h2g-concurrent-20",
-                "inner/fallback-connect",
-                "inner/strict-refused",
-                "inner/strict-econnreset",
-                "inner/held-connection-survived",
-                "inner/done",
-                "h2g-ok-line",
-                "h2g-concurrent-ok-lines",
-                "api-shows-uplink-to-host",
-                "api-fallback-off",
-                "vmm-exit-status",
-                "g2h-data",
-                "half-close-host-got",
-                "host-half-close-got",
-                "g2h-concurrent-20",
-                "fallback-bytes",
-                "held-bytes",
-                "strict-zero-uplink-attempts",
-                "sockets-removed",
-            ],
-        )
+        .run(artifacts, checks)
         .unwrap();
 }
 
 const SIBLINGS: &str = r#"
 mkdir -p /tmp/reg
 run_vmm() { # CID SCENARIO
-	vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio --memory size=192M \
+	vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=192M \
 		--cmdline "$(vr_inner_cmdline vr.scenario=$2 vr.timeout=400)" \
 		--vsock cid=$1,socket=/tmp/vm$1.sock,uplink=none,registry=/tmp/reg >/tmp/vm$1.log 2>&1
 }
@@ -145,7 +174,7 @@ run_vmm 5 sibling-b &
 b=$!
 vr_wait_for 30 test -S /tmp/reg/5.sock || vr_fail registry-claim "no /tmp/reg/5.sock"
 # A CID claimed by a live VMM is refused at start, with a clear error.
-vsock-vmm --kernel /vr/inner/vmlinux --vsock cid=5,socket=/tmp/dup.sock,uplink=none,registry=/tmp/reg \
+vsock-vmm --kernel $VR_INNER/vmlinux --vsock cid=5,socket=/tmp/dup.sock,uplink=none,registry=/tmp/reg \
 	>/tmp/dup.log 2>&1
 vr_expect_eq duplicate-cid-exit 2 "$?"
 vr_check duplicate-cid-message grep -q 'in use' /tmp/dup.log
@@ -163,31 +192,42 @@ vr_relay b </tmp/vm5.log
 vr_check registry-entries-removed test ! -e /tmp/reg/5.sock -a ! -e /tmp/reg/3.sock
 "#;
 
+/// Checks of [`SIBLINGS`] that must pass.
+const SIBLINGS_CHECKS: &[&str] = &[
+    "duplicate-cid-exit",
+    "duplicate-cid-message",
+    "vmm-a-exit",
+    "vmm-b-exit",
+    "a/sibling-a-got",
+    "a/done",
+    "b/sibling-b-got",
+    "b/sibling-b-sees-cid-3",
+    "b/done",
+    "registry-entries-removed",
+];
+
 #[test]
 fn siblings_through_the_registry() {
     let name = "siblings_through_the_registry";
-    let Some(artifacts) = artifacts_or_skip(name) else {
-        return;
-    };
-    let vmm = build_workspace_binary("vsock-vmm", "vsock-vmm").unwrap();
-    GuestRun::kvm_host(SIBLINGS)
-        .name(name)
-        .binary(vmm)
-        .timeout(Duration::from_secs(600))
-        .run(
+    if let Some(artifacts) = artifacts_or_skip(name) {
+        run(
+            GuestRun::kvm_host(SIBLINGS),
+            name,
             artifacts,
-            &[
-                "duplicate-cid-exit",
-                "duplicate-cid-message",
-                "vmm-a-exit",
-                "vmm-b-exit",
-                "a/sibling-a-got",
-                "a/done",
-                "b/sibling-b-got",
-                "b/sibling-b-sees-cid-3",
-                "b/done",
-                "registry-entries-removed",
-            ],
-        )
-        .unwrap();
+            SIBLINGS_CHECKS,
+        );
+    }
+}
+
+#[test]
+fn siblings_through_the_registry_on_this_machine() {
+    let name = "siblings_through_the_registry_on_this_machine";
+    if let Some(artifacts) = hardware_kvm_or_skip(name) {
+        run(
+            GuestRun::machine(SIBLINGS),
+            name,
+            artifacts,
+            SIBLINGS_CHECKS,
+        );
+    }
 }

@@ -137,7 +137,7 @@ vr_qemu_inner() {
 	shift
 	qemu-system-x86_64 -L /usr/share/qemu -accel kvm -cpu host -M microvm,rtc=on,acpi=off \
 		-m 256M -smp 1 -nographic -no-reboot -monitor none \
-		-kernel /vr/inner/vmlinux -initrd /vr/inner/initramfs.cpio \
+		-kernel $VR_INNER/vmlinux -initrd $VR_INNER/initramfs.cpio \
 		-append "$(vr_inner_cmdline "$_append")" \
 		"$@" </dev/null 2>&1
 }

@@ -19,7 +19,7 @@ socat UNIX-LISTEN:/tmp/v.sock_1234,fork SYSTEM:'read l; echo "hi guest, the host
 socat UNIX-LISTEN:/tmp/up/77_6000,fork SYSTEM:'read l; echo "uplink peer CID 77 got: $l"' &
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
 say "starting: vsock-vmm --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1"
-vsock-vmm --kernel /vr/inner/vmlinux --initramfs /vr/inner/initramfs.cpio --memory size=256M \
+vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=256M \
     --cmdline "$(vr_inner_cmdline vr.scenario=demo vr.timeout=300)" \
     --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1 \
     --api-socket /tmp/api >>/tmp/inner.log 2>&1 &

@@ -1,0 +1,125 @@
+//! Running a KVM-host scenario directly on this machine (`GuestKind::Machine`), for machines
+//! with hardware virtualization: `vsock-vmm` then boots the inner guest on the machine's own
+//! `/dev/kvm`, much faster than nested in QEMU TCG.
+//!
+//! The scenario script is the same busybox `sh` script a KVM host runs, with the same helpers
+//! (`images/rootfs/vrtest.sh`), and it sees the same environment: busybox applets, socat and the
+//! shipped binaries on `PATH`, the inner guest's images at `$VR_INNER/vmlinux` and
+//! `$VR_INNER/initramfs.cpio`, and a `/tmp` of its own. It runs in new mount and PID namespaces
+//! (`unshare`): `/tmp` is a private tmpfs, and when the run ends or is killed every process it
+//! started dies with the namespace's first process. Its output is the "console".
+//!
+//! A script that could open AF_VSOCK on the machine (socat `VSOCK-*` addresses, `/dev/vsock`) is
+//! refused before it starts; `vsock-vmm` inherits `VSOCK_ROUTER_FORBID_AF_VSOCK` from the tests.
+
+use std::fs::File;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::artifacts::{images_dir, Artifacts};
+use crate::error::HarnessError;
+
+/// Tools the scenarios use that busybox does not provide, taken from the machine's `PATH`.
+const MACHINE_TOOLS: &[&str] = &["socat"];
+
+/// Refuses a script that could open AF_VSOCK on the machine.
+pub(crate) fn check_script(name: &str, script: &str) -> Result<(), HarnessError> {
+    for word in ["VSOCK-", "/dev/vsock", "vsock-connect"] {
+        if script.contains(word) {
+            return Err(HarnessError::Setup(format!(
+                "{name}: a scenario that runs on this machine must not use AF_VSOCK \
+                 (it contains `{word}`); run it in the KVM host instead"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn find_in_path(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// `dir/bin`: every busybox applet, the machine tools and `binaries`, as symlinks.
+fn populate_bin(dir: &Path, binaries: &[PathBuf]) -> Result<PathBuf, HarnessError> {
+    let missing =
+        |what: &str| HarnessError::Unavailable(format!("{what} not found on this machine"));
+    let busybox = find_in_path("busybox").ok_or_else(|| missing("busybox"))?;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let list = Command::new(&busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        symlink(&busybox, bin.join(applet))?;
+    }
+    let tools = MACHINE_TOOLS
+        .iter()
+        .map(|t| find_in_path(t).ok_or_else(|| missing(t)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for path in tools.iter().chain(binaries) {
+        let name = path
+            .file_name()
+            .ok_or_else(|| HarnessError::Setup(format!("not a file: {}", path.display())))?;
+        let link = bin.join(name);
+        // Ours win over a busybox applet of the same name.
+        let _ = std::fs::remove_file(&link);
+        symlink(path, link)?;
+    }
+    Ok(bin)
+}
+
+/// Prepares `dir` (scenario, tools, inner images) and starts the scenario; its output goes to
+/// `console`. The child is `unshare`, which kills the namespace's processes when it dies.
+pub(crate) fn spawn(
+    name: &str,
+    script: &str,
+    binaries: &[PathBuf],
+    artifacts: &Artifacts,
+    dir: &Path,
+    console: &Path,
+) -> Result<Child, HarnessError> {
+    check_script(name, script)?;
+    let bin = populate_bin(dir, binaries)?;
+    let inner = dir.join("inner");
+    std::fs::create_dir_all(&inner)?;
+    symlink(&artifacts.inner_vmlinux, inner.join("vmlinux"))?;
+    symlink(&artifacts.inner_initramfs, inner.join("initramfs.cpio"))?;
+    std::fs::write(dir.join("scenario.sh"), script)?;
+    let run = dir.join("run.sh");
+    std::fs::write(
+        &run,
+        format!(
+            "mount -t tmpfs -o mode=1777 vr-tmp /tmp || {{ echo 'VRTEST machine-tmp FAIL cannot \
+             mount a private /tmp'; echo 'VRTEST-DONE rc=97'; exit 97; }}\n\
+             . {vrtest}\n\
+             ( . {dir}/scenario.sh )\n\
+             echo \"VRTEST-DONE rc=$?\"\n",
+            vrtest = images_dir().join("rootfs/vrtest.sh").display(),
+            dir = dir.display(),
+        ),
+    )?;
+    let out = File::create(console)?;
+    let mut path = std::ffi::OsString::from(&bin);
+    path.push(":/usr/sbin:/usr/bin:/sbin:/bin");
+    // util-linux's, found before PATH points at busybox (whose unshare lacks --kill-child).
+    let unshare = find_in_path("unshare").ok_or_else(|| {
+        HarnessError::Unavailable("unshare (util-linux) not found on this machine".into())
+    })?;
+    let mut cmd = Command::new(unshare);
+    cmd.args(["--mount", "--propagation", "private", "--pid", "--fork"])
+        .args(["--kill-child", "--mount-proc"])
+        .arg(bin.join("sh"))
+        .arg(&run)
+        .env("PATH", path)
+        .env("VR_INNER", &inner)
+        .env("VR_TSC_KHZ", artifacts.tsc_khz.to_string())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    crate::process::kill_with_parent(&mut cmd);
+    cmd.spawn()
+        .map_err(|e| HarnessError::Setup(format!("{name}: cannot start unshare: {e}")))
+}
