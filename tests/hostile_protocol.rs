@@ -2,6 +2,9 @@
 //! up, the guest gets the RST or silence the protocol prescribes, other connections keep moving
 //! data, and memory and file descriptors stay bounded.
 
+mod common;
+
+use common::{open_fds, rss_kib};
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -67,19 +70,6 @@ fn check_bystander(g: &mut SimGuest, p: u32, s: &mut std::os::unix::net::UnixStr
     assert_eq!(&b, b"ping");
     s.write_all(b"pong").unwrap();
     assert_eq!(g.recv_exact(p, 4, T), b"pong");
-}
-
-fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 #[test]

@@ -154,6 +154,19 @@ fn fallback_takes_the_uplink_strict_refuses_and_a_flip_spares_established_connec
     assert_eq!(c.path_refused.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
+/// Connects the guest to port 80 of each of `cids`, each of which must be refused (RST), with
+/// a live `unix:` stand-in listener in `up` for each; returns the attempts those listeners saw.
+fn refused_with_zero_uplink_attempts(v: &mut Vm, up: &Path, cids: &[u64]) -> usize {
+    let listeners: Vec<_> = cids
+        .iter()
+        .map(|cid| counting_listener(&up.join(format!("{cid}_80"))).1)
+        .collect();
+    for &cid in cids {
+        assert_eq!(v.g.connect(cid, 80), Err(SockState::Reset), "cid {cid}");
+    }
+    listeners.iter().map(accepted).sum()
+}
+
 #[test]
 fn strict_mode_hammering_random_cids_makes_no_uplink_attempt() {
     let dir = TempDir::new("strict");
@@ -167,14 +180,7 @@ fn strict_mode_hammering_random_cids_makes_no_uplink_attempt() {
     let mut v = vm(&cfg);
     // A live stand-in listener for every CID hammered: an attempt would be accepted there.
     let cids: Vec<u64> = (10..2000).step_by(37).collect();
-    let listeners: Vec<_> = cids
-        .iter()
-        .map(|cid| counting_listener(&up.join(format!("{cid}_80"))).1)
-        .collect();
-    for &cid in &cids {
-        assert_eq!(v.g.connect(cid, 80), Err(SockState::Reset), "cid {cid}");
-    }
-    let attempts: usize = listeners.iter().map(accepted).sum();
+    let attempts = refused_with_zero_uplink_attempts(&mut v, &up, &cids);
     assert_eq!(attempts, 0, "strict mode reached the stand-in uplink");
     assert_eq!(
         v.dev
@@ -194,14 +200,7 @@ fn reserved_and_own_cids_are_refused_even_with_fallback_on() {
     let mut v = vm(&cfg);
     // 0 (hypervisor), 1 (local), our own CID, and CIDs beyond the 32-bit CID space.
     let cids = [0u64, 1, 3, u64::from(u32::MAX), 1 << 32, u64::MAX];
-    let listeners: Vec<_> = cids
-        .iter()
-        .map(|cid| counting_listener(&up.join(format!("{cid}_80"))).1)
-        .collect();
-    for &cid in &cids {
-        assert_eq!(v.g.connect(cid, 80), Err(SockState::Reset), "cid {cid}");
-    }
-    let attempts: usize = listeners.iter().map(accepted).sum();
+    let attempts = refused_with_zero_uplink_attempts(&mut v, &up, &cids);
     assert_eq!(attempts, 0, "a reserved CID reached the uplink");
     let c = v.handle.counters();
     assert_eq!(c.path_refused.load(std::sync::atomic::Ordering::Relaxed), 6);

@@ -330,16 +330,21 @@ impl GuestRun {
         let child = cmd
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("cannot start run-kvm-host.sh: {e}")))?;
-        Ok(RunningVm {
+        Ok(self.running(child, dir, tempdir))
+    }
+
+    /// The handle of a run just started in `dir` (console and QEMU logs at their usual names).
+    fn running(&self, child: Child, dir: PathBuf, tempdir: Option<tempfile::TempDir>) -> RunningVm {
+        RunningVm {
             name: self.name.clone(),
             child: Some(child),
+            console_path: dir.join("console.log"),
+            qemu_log_path: dir.join("qemu.log"),
             dir,
             _tempdir: tempdir,
-            console_path,
-            qemu_log_path,
             started: Instant::now(),
             timeout: self.timeout,
-        })
+        }
     }
 
     fn spawn_on_machine(
@@ -374,16 +379,7 @@ impl GuestRun {
             &dir,
             &console_path,
         )?;
-        Ok(RunningVm {
-            name: self.name.clone(),
-            child: Some(child),
-            dir,
-            _tempdir: tempdir,
-            console_path,
-            qemu_log_path,
-            started: Instant::now(),
-            timeout: self.timeout,
-        })
+        Ok(self.running(child, dir, tempdir))
     }
 
     fn make_host_initramfs(
