@@ -14,7 +14,7 @@
 //! - the state never leaves Killed, and a killed connection is done once its RST was written.
 
 use std::cell::RefCell;
-use std::io::{self, Read};
+use std::io::Read;
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
@@ -153,39 +153,6 @@ impl Books {
     }
 }
 
-fn send_nosignal(s: &UnixStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of its length; MSG_NOSIGNAL keeps SIGPIPE away from the
-    // fuzzer (libFuzzer's main does not ignore it as Rust's does).
-    let n = unsafe {
-        libc::send(
-            s.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn set_small_buffers(s: &UnixStream, size: i32) {
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: `size` is a valid c_int for the duration of the call.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const i32).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            )
-        };
-    }
-}
-
 /// The fuzz body; see the [module documentation](self).
 pub fn csm(data: &[u8]) {
     let mut inp = Input::new(data);
@@ -194,8 +161,8 @@ pub fn csm(data: &[u8]) {
     dev_end.set_nonblocking(true).expect("nonblocking");
     host_end.set_nonblocking(true).expect("nonblocking");
     if setup & 0x40 != 0 {
-        set_small_buffers(&dev_end, 2048);
-        set_small_buffers(&host_end, 2048);
+        crate::sim::backend::set_buf(&dev_end, 2048);
+        crate::sim::backend::set_buf(&host_end, 2048);
     }
     let ms = |sel: u8| match sel % 3 {
         0 => Duration::ZERO,
@@ -635,7 +602,7 @@ fn host_write(inp: &mut Input, host: Option<&UnixStream>, b: &mut Books) {
         let seq0 = b.host_seq;
         (0..n as u64).map(|i| pattern(0x3c, seq0 + i)).collect()
     };
-    if let Ok(k) = send_nosignal(h, &data) {
+    if let Ok(k) = super::send_nosignal(h, &data) {
         b.host_wrote.extend_from_slice(&data[..k]);
         if !data.contains(&b'\n') || !b.await_ok {
             b.host_seq += k as u64;

@@ -16,9 +16,8 @@
 //! error, no hang).
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::Read;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -79,24 +78,6 @@ struct Run {
 
 fn pattern(seed: u32, i: u64) -> u8 {
     (i as u8).wrapping_mul(29) ^ ((i >> 8) as u8).wrapping_mul(11) ^ seed as u8
-}
-
-fn send_nosignal(s: &UnixStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of its length; MSG_NOSIGNAL because libFuzzer's main does
-    // not ignore SIGPIPE.
-    let n = unsafe {
-        libc::send(
-            s.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
 }
 
 fn ms(sel: u8) -> Duration {
@@ -401,7 +382,7 @@ impl Run {
         let data: Vec<u8> = (0..n as u64)
             .map(|i| pattern(0x1234, seed + c.wrote.len() as u64 + i))
             .collect();
-        if let Ok(k) = send_nosignal(s, &data) {
+        if let Ok(k) = super::send_nosignal(s, &data) {
             c.wrote.extend_from_slice(&data[..k]);
         }
         self.host_seq += 1;

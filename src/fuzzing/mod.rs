@@ -8,6 +8,10 @@
 //!
 //! See `docs/security.md` for the threat model and what each target asserts.
 
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
 mod config;
 mod csm;
 mod device;
@@ -34,3 +38,22 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("handshake", handshake),
     ("config", config),
 ];
+
+/// A non-blocking send on a host stream that never raises SIGPIPE: libFuzzer's main, unlike
+/// Rust's, does not ignore it.
+fn send_nosignal(s: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -34,7 +34,9 @@ pub struct PairHost {
     wake: Arc<EventFd>,
 }
 
-fn set_buf(s: &UnixStream, size: usize) {
+/// Sets a Unix stream's send and receive buffers to about `size` bytes (small buffers make
+/// short writes and back-pressure happen early).
+pub(crate) fn set_buf(s: &UnixStream, size: usize) {
     let v = size as libc::c_int;
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         // SAFETY: `v` is a valid c_int for the duration of the call.

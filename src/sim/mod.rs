@@ -8,7 +8,7 @@
 //! [`EventFd`]s and waits for its interrupt [`EventFd`]. [`PairBackend`] gives the device real Unix
 //! socket pairs as host streams.
 
-mod backend;
+pub(crate) mod backend;
 mod queue;
 mod socket;
 
