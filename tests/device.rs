@@ -1,6 +1,9 @@
 //! The device end to end: a simulated Linux guest over real guest memory, the device thread on
 //! real EventFds, and real Unix socket pairs as host streams.
 
+mod common;
+
+use common::{setup, setup_with, GUEST};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
@@ -11,20 +14,9 @@ use sha2::{Digest, Sha256};
 use vsock_router::device::packet::{op, shutdown, sock_type, Header, HEADER_LEN};
 use vsock_router::device::virtio::VirtioDevice;
 use vsock_router::device::{DeviceConfig, VsockDevice};
-use vsock_router::sim::{PairBackend, PairHost, SimGuest, SockState, TxLayout};
+use vsock_router::sim::{PairBackend, SimGuest, SockState, TxLayout};
 
-const GUEST: u64 = 3;
 const T: Duration = Duration::from_secs(10);
-
-fn setup_with(cfg: DeviceConfig) -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
-    let (backend, host) = PairBackend::new();
-    let (g, dev) = SimGuest::with_device(cfg, backend);
-    (g, dev, host)
-}
-
-fn setup() -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
-    setup_with(DeviceConfig::new(GUEST))
-}
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);

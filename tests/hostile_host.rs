@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{open_fds, rss_kib};
+use common::{open_fds, rss_kib, GUEST};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -26,7 +26,6 @@ use vsock_router::router::Policy;
 use vsock_router::sim::{SimGuest, SockState};
 
 const T: Duration = Duration::from_secs(10);
-const GUEST: u64 = 3;
 /// The guest port the echo connection's host side listens on (`<socket>_7000`).
 const ECHO_PORT: u32 = 7000;
 /// Bytes the guest keeps in flight on the echo connection.

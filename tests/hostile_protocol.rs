@@ -4,33 +4,22 @@
 
 mod common;
 
-use common::{open_fds, rss_kib};
+use common::{open_fds, rss_kib, setup, setup_with, GUEST};
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vsock_router::device::packet::{op, shutdown, sock_type, Header};
-use vsock_router::device::{DeviceConfig, VsockDevice};
-use vsock_router::sim::{PairBackend, PairHost, SimGuest, SockState};
+use vsock_router::device::DeviceConfig;
+use vsock_router::sim::{PairHost, SimGuest, SockState};
 
 const T: Duration = Duration::from_secs(10);
-const GUEST: u64 = 3;
 
 /// The resource checks read process-wide figures: run this file's tests one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn setup_with(cfg: DeviceConfig) -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
-    let (backend, host) = PairBackend::new();
-    let (g, dev) = SimGuest::with_device(cfg, backend);
-    (g, dev, host)
-}
-
-fn setup() -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
-    setup_with(DeviceConfig::new(GUEST))
 }
 
 fn hdr(src_port: u32, dst_port: u32, op_: u16) -> Header {

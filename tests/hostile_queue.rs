@@ -2,25 +2,22 @@
 //! the chain is returned (or the queue refused) and counted, that nothing is answered, and that
 //! the device keeps serving a well-behaved connection afterwards.
 
+mod common;
+
+use common::setup;
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use vsock_router::device::packet::{op, sock_type, Header, HEADER_LEN};
-use vsock_router::device::{DeviceConfig, VsockDevice};
+use vsock_router::device::VsockDevice;
 use vsock_router::sim::{PairBackend, PairHost, RawDesc, SimGuest, REGION_SPLIT};
 
 const T: Duration = Duration::from_secs(10);
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
-
-fn setup() -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
-    let (backend, host) = PairBackend::new();
-    let (g, dev) = SimGuest::with_device(DeviceConfig::new(3), backend);
-    (g, dev, host)
-}
 
 fn rw_header() -> [u8; HEADER_LEN] {
     Header {
