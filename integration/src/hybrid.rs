@@ -8,10 +8,33 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 /// The guest port on CID 2 that `vr_sibling_barrier` (in the guests' `vrtest.sh`) reports on.
 pub const BARRIER_UP_PORT: u32 = 9000;
 /// The guest port that `vr_sibling_barrier` waits on for the go-ahead.
 pub const BARRIER_GO_PORT: u32 = 9001;
+
+/// Deterministic test data, the same bytes as `vr_pattern_file` in the guests: the decimal
+/// numbers 0, 1, 2, ... one per line, cut to `len` bytes.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let mut i = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(format!("{i}\n").as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of `data` in lowercase hex, as `vr_sha256` prints it in the guests.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Accepts one connection on `listener` (bounded wait) and reads it to EOF.
 pub fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u8>, String> {

@@ -38,7 +38,8 @@ pub use artifacts::{
 pub use console::{parse_console, CheckResult, ConsoleReport, Status};
 pub use error::HarnessError;
 pub use hybrid::{
-    accept_and_read, connect_and_send, SiblingBarrier, BARRIER_GO_PORT, BARRIER_UP_PORT,
+    accept_and_read, connect_and_send, pattern, sha256_hex, SiblingBarrier, BARRIER_GO_PORT,
+    BARRIER_UP_PORT,
 };
 pub use process::{
     start_vhost_user_vsock, start_vhost_user_vsock_vms, vhost_user_backend, wait_for_path,

@@ -7,28 +7,9 @@
 //! (the first run builds them: about 4 minutes). Run one alone with
 //! `cargo test -p vsock-integration --test platform -- --nocapture <name>`.
 
-use sha2::{Digest, Sha256};
-use vsock_integration::{artifacts_or_skip, host_has_hardware_kvm, GuestRun, HarnessError, Status};
-
-/// Deterministic test data, the same as `vr_pattern_file` in the guests:
-/// the decimal numbers 0, 1, 2, ... one per line, cut to `len` bytes.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 16);
-    let mut i = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("{i}\n").as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use vsock_integration::{
+    artifacts_or_skip, host_has_hardware_kvm, pattern, sha256_hex, GuestRun, HarnessError, Status,
+};
 
 #[test]
 fn kvm_host_runs_a_kvm_guest() {

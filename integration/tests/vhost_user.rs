@@ -10,31 +10,12 @@
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use vsock_integration::{
-    accept_and_read, artifacts_or_skip, connect_and_send, start_vhost_user_vsock, GuestRun,
+    accept_and_read, artifacts_or_skip, connect_and_send, pattern, sha256_hex,
+    start_vhost_user_vsock, GuestRun,
 };
 
 const LEN: usize = 1 << 20;
-
-/// Same bytes as `vr_pattern_file` in the guests.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 16);
-    let mut i = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(format!("{i}\n").as_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 #[test]
 fn kvm_host_vsock_through_vhost_user_backend() {
