@@ -9,7 +9,7 @@ say "connecting to CID 77 port 6000: nobody on this machine owns CID 77; fallbac
 reply=$(echo "hello parent" | socat -t 5 - VSOCK-CONNECT:77:6000 2>&1)
 say "the uplink stand-in answered: $reply"
 vr_check demo-fallback test -n "$reply"
-vr_wait_for 60 sh -c '[ "$(socat -T2 -u VSOCK-CONNECT:2:999 - 2>/dev/null)" = strict ]'
+vr_wait_for 60 vr_host_phase_is strict
 say "the host switched g2h_fallback off; connecting to CID 77 port 6000 again"
 if echo x | socat -t 5 - VSOCK-CONNECT:77:6000 2>/tmp/err; then
 	vr_fail demo-strict "connected"

@@ -97,6 +97,22 @@ vr_sibling_barrier() {
 	wait "$_go"
 }
 
+# Inner guests only: vr_host_phase_is PHASE: the host side's phase, which the
+# scenarios' host scripts serve on CID 2 port 999, is PHASE (use with vr_wait_for).
+vr_host_phase_is() { [ "$(socat -T2 -u VSOCK-CONNECT:2:999 - 2>/dev/null)" = "$1" ]; }
+
+# Inner guests only: vr_expect_reset CID PORT: a connect to (CID, PORT) must be
+# refused with ECONNRESET (strict mode: no route). Reports strict-refused and
+# strict-econnreset.
+vr_expect_reset() {
+	if echo x | socat -u - "VSOCK-CONNECT:$1:$2" 2>/tmp/vr-reset.err; then
+		vr_fail strict-refused "connect to CID $1 port $2 succeeded"
+	else
+		vr_pass strict-refused "$(tail -n1 /tmp/vr-reset.err)"
+	fi
+	vr_check strict-econnreset grep -q 'Connection reset' /tmp/vr-reset.err
+}
+
 # CMD | vr_relay PREFIX: forward a nested guest's console (e.g. vsock-vmm's
 # serial output) without confusing the outer harness: result lines become
 # "VRTEST PREFIX/<name> ...", its VRTEST-DONE becomes the check
