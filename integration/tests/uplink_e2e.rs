@@ -31,7 +31,6 @@ const KVM_HOST: &str = r#"
 vr_sibling_barrier 300
 vr_expect_eq sibling-barrier 0 "$?"
 mkdir -p /tmp/reg
-want=$(vr_pattern_file /tmp/up.bin 1048576)
 echo fallback > /tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
 socat -u UNIX-LISTEN:/tmp/v.sock_998 CREATE:/tmp/fallback-done &
