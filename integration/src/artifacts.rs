@@ -94,9 +94,7 @@ pub fn parse_artifacts_env(text: &str) -> Result<Artifacts, HarnessError> {
 }
 
 fn qemu_installed() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
-        .unwrap_or(false)
+    crate::process::find_in_path("qemu-system-x86_64").is_some()
 }
 
 /// Runs `build-all.sh` (builds only what is missing from the cache) and

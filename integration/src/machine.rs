@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::artifacts::{images_dir, Artifacts};
 use crate::error::HarnessError;
+use crate::process::find_in_path;
 
 /// Tools the scenarios use that busybox does not provide, taken from the machine's `PATH`.
 const MACHINE_TOOLS: &[&str] = &["socat"];
@@ -34,14 +35,6 @@ pub(crate) fn check_script(name: &str, script: &str) -> Result<(), HarnessError>
         }
     }
     Ok(())
-}
-
-fn find_in_path(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(tool))
-            .find(|p| p.is_file())
-    })
 }
 
 /// `dir/bin`: every busybox applet, the machine tools and `binaries`, as symlinks.

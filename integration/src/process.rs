@@ -206,3 +206,12 @@ pub(crate) fn kill_with_parent(cmd: &mut Command) {
         });
     }
 }
+
+/// The first file named `tool` in this process's `PATH`.
+pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
