@@ -52,7 +52,8 @@ for t in "${targets[@]}"; do
     else
         limit=(-max_total_time="$secs")
     fi
-    # Per-input limits: the device target runs a thread and real sockets, the others are pure.
+    # Per-input limits: the device target runs real sockets and real-time timers, the others are
+    # pure.
     # Its inputs are programs of up to 32 steps: allow their full length from the start.
     per_input=5
     extra=()

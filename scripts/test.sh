@@ -22,4 +22,21 @@ if [ "${VR_INTEGRATION:-}" != skip ]; then
     bash integration/images/build-vhost-user-backend.sh >/dev/null
 fi
 
+# Platform faults (the emulated KVM host's own kernel oopsing or locking up; each rerun once, see
+# docs/testing.md, "Reliability"): every test process appends one line per fault to this file,
+# and the summary is printed at the end, also when a test failed.
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+# Absolute: the tests run with their package's directory as the working directory.
+VR_PLATFORM_FAULTS="$(realpath "$(mktemp "$target_dir/vr-platform-faults.XXXXXX")")"
+export VR_PLATFORM_FAULTS
+summary() {
+    local n
+    n=$(grep -c . "$VR_PLATFORM_FAULTS" 2>/dev/null || true)
+    echo "platform faults (KVM-host kernel faults and silent resets; stalled reference guests; inner guests whose virtual CPU died before their vsock device ran or without a word from their kernel; each scenario rerun once): ${n:-0}"
+    [ "${n:-0}" -eq 0 ] || sed 's/^/  /' "$VR_PLATFORM_FAULTS"
+    rm -f "$VR_PLATFORM_FAULTS"
+}
+trap summary EXIT
+
 cargo test --workspace --no-fail-fast "$@"

@@ -48,7 +48,7 @@ fn run_target(name: &str) {
 
 #[test]
 fn every_target_has_a_test_here() {
-    let here = ["tx_chain", "device", "csm", "handshake", "config"];
+    let here = ["tx_chain", "device", "csm", "relay", "handshake", "config"];
     for (name, _) in TARGETS {
         assert!(here.contains(name), "add a #[test] for fuzz body {name}");
     }
@@ -77,4 +77,9 @@ fn handshake_corpus() {
 #[test]
 fn config_corpus() {
     run_target("config");
+}
+
+#[test]
+fn relay_corpus() {
+    run_target("relay");
 }

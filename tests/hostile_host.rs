@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{open_fds, rss_kib, GUEST};
+use common::{open_fds, rss_kib, TempDir, GUEST};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -60,24 +60,6 @@ fn raise_fd_limit(want: u64) -> u64 {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
     }
     lim.rlim_cur
-}
-
-/// A temporary directory removed on drop (also when a test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("vr-hh-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The byte at offset `i` of the echo connection's stream.
@@ -253,7 +235,7 @@ impl Rig {
     /// connection up and warmed.
     fn new(name: &str, handshake_ms: u64) -> Rig {
         let dir = TempDir::new(name);
-        let socket = dir.0.join("vm.sock");
+        let socket = dir.path("vm.sock");
         let cfg: VsockConfig = format!(
             "cid={GUEST},socket={},uplink=none,handshake_timeout_ms={handshake_ms}",
             socket.display()
@@ -345,6 +327,29 @@ impl Rig {
             open_fds(),
             self.dev.connections()
         );
+    }
+
+    /// Waits (moving the echo) until the device holds only the echo connection and the fd
+    /// count has not changed for 200 ms, and returns that count: a baseline taken while the
+    /// device is still closing the last stream would be one too high.
+    fn quiet_fd_count(&mut self, timeout: Duration) -> usize {
+        let dev = &self.dev;
+        let (echo, g) = (self.echo.as_mut().unwrap(), &mut self.g);
+        let mut last = (open_fds(), Instant::now());
+        let ok = echo.run_until(g, timeout, |_| {
+            let n = open_fds();
+            if n != last.0 {
+                last = (n, Instant::now());
+            }
+            dev.connections().len() == 1 && last.1.elapsed() >= Duration::from_millis(200)
+        });
+        assert!(
+            ok,
+            "never quiet: {} fds, connections {:?}",
+            open_fds(),
+            self.dev.connections()
+        );
+        last.0
     }
 
     fn finish(mut self, min_bytes: usize) {
@@ -687,8 +692,7 @@ fn clients_vanishing_mid_handshake_and_mid_stream_leak_nothing() {
     for i in 0..40 {
         round(&mut rig, i);
     }
-    rig.settle(open_fds(), T);
-    let fds = open_fds();
+    let fds = rig.quiet_fd_count(T);
     let rss = rss_kib();
     for i in 40..440 {
         round(&mut rig, i);
@@ -697,7 +701,9 @@ fn clients_vanishing_mid_handshake_and_mid_stream_leak_nothing() {
     let grown = rss_kib().saturating_sub(rss);
     eprintln!("vanish: 400 rounds, fds back to {fds}, RSS grew by {grown} KiB");
     assert!(grown < RSS_BOUND_KIB, "RSS grew by {grown} KiB");
-    assert!(rig.dev.counters().host_error.load(Ordering::Relaxed) >= 100);
+    // Mid-stream vanishing (every fourth round) is a close with guest bytes dropped, not a
+    // host error: the guest gets SHUTDOWN(RCV|SEND), as from a peer kernel's close().
+    assert!(rig.dev.counters().host_dropped.load(Ordering::Relaxed) >= 100);
     let good = rig.good_client();
     eprintln!("vanish: good client OK after {good:?}");
     rig.finish(256 * 1024);

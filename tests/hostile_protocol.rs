@@ -9,9 +9,9 @@ use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vsock_router::device::packet::{op, shutdown, sock_type, Header};
 use vsock_router::device::DeviceConfig;
 use vsock_router::sim::{PairHost, SimGuest, SockState};
+use vsock_router::wire::{op, shutdown, sock_type, Header};
 
 const T: Duration = Duration::from_secs(10);
 

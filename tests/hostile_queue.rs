@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
-use vsock_router::device::packet::{op, sock_type, Header, HEADER_LEN};
 use vsock_router::device::VsockDevice;
 use vsock_router::sim::{PairBackend, PairHost, RawDesc, SimGuest, REGION_SPLIT};
+use vsock_router::wire::{op, Header, HEADER_LEN};
 
 const T: Duration = Duration::from_secs(10);
 const F_NEXT: u16 = 1;
@@ -20,19 +20,7 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
 fn rw_header() -> [u8; HEADER_LEN] {
-    Header {
-        src_cid: 3,
-        dst_cid: 2,
-        src_port: 40,
-        dst_port: 1,
-        len: 0,
-        type_: sock_type::STREAM,
-        op: op::REQUEST,
-        flags: 0,
-        buf_alloc: 4096,
-        fwd_cnt: 0,
-    }
-    .encode()
+    common::request(3, 40).encode()
 }
 
 /// Writes the descriptors `descs` (their `next` fields index into `descs`) into free table

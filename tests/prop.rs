@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError};
-use vsock_router::device::packet::shutdown;
 use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::sim::{PairBackend, PairHost, SimGuest, SockState, TxLayout};
+use vsock_router::wire::shutdown;
 
 const GUEST: u64 = 3;
 /// Bound of every single wait (connect, accept, handshake reply, close).
@@ -828,7 +828,7 @@ fn host_hangup_with_guest_bytes_buffered_resets_once() {
     let shutdowns = g
         .received
         .iter()
-        .filter(|h| h.op == vsock_router::device::packet::op::SHUTDOWN)
+        .filter(|h| h.op == vsock_router::wire::op::SHUTDOWN)
         .count();
     assert!(
         reset,

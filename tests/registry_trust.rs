@@ -7,17 +7,20 @@
 //! The other-user part needs root (to start a child as `nobody`) and `socat`; without them it
 //! prints a loud `SKIPPED` line instead of passing silently.
 
+mod common;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use vsock_router::config::VsockConfig;
 use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::router::connector::Router;
@@ -26,25 +29,6 @@ use vsock_router::sim::SimGuest;
 
 const T: Duration = Duration::from_secs(10);
 const NOBODY: u32 = 65534;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("vr-trust-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        // Others may enter it, so only the modes under test decide.
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running device for guest CID 3 that claimed its CID in `registry`.
 fn vm(dir: &Path, registry: &Path) -> (SimGuest, VsockDevice<Router>) {
@@ -116,8 +100,10 @@ fn other_user_unavailable() -> Option<String> {
 #[test]
 fn same_user_may_forge_from_other_users_cannot_connect() {
     let tmp = TempDir::new("boundary");
-    let registry = tmp.0.join("registry");
-    let (mut g, dev) = vm(&tmp.0, &registry);
+    // Others may enter it, so only the modes under test decide.
+    fs::set_permissions(tmp.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let registry = tmp.path("registry");
+    let (mut g, dev) = vm(tmp.root(), &registry);
     let sock = registry.join("3.sock");
     assert_eq!(mode(&registry), 0o700, "registry directory created private");
     assert_eq!(mode(&sock), 0o600, "registry socket private");
@@ -157,7 +143,7 @@ fn same_user_may_forge_from_other_users_cannot_connect() {
         return;
     }
     // Control: the helper does connect as nobody when permissions allow it.
-    let open = tmp.0.join("open.sock");
+    let open = tmp.path("open.sock");
     let l = UnixListener::bind(&open).unwrap();
     fs::set_permissions(&open, fs::Permissions::from_mode(0o666)).unwrap();
     let (connected, err) = socat_as_nobody(&open, "hello\n");
@@ -174,10 +160,10 @@ fn same_user_may_forge_from_other_users_cannot_connect() {
 
     // A directory others may enter (mode 0701, made by hand): the socket's 0600 still keeps
     // them out.
-    let shared = tmp.0.join("reg701");
+    let shared = tmp.path("reg701");
     fs::create_dir(&shared).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o701)).unwrap();
-    let second = tmp.0.join("second");
+    let second = tmp.path("second");
     fs::create_dir(&second).unwrap();
     // With umask 0 the socket would be born 0777: only the explicit mode keeps others out.
     // SAFETY: umask only changes the process' file-creation mask; this file's one test is the

@@ -3,11 +3,14 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{Progress, TempDir};
 use sha2::{Digest, Sha256};
 use vsock_router::config::VsockConfig;
 use vsock_router::device::{DeviceConfig, VsockDevice};
@@ -16,31 +19,6 @@ use vsock_router::router::{Policy, VsockHandle};
 use vsock_router::sim::{SimGuest, SockState};
 
 const T: Duration = Duration::from_secs(20);
-
-/// A temporary directory removed on drop (also when a test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "vr-router-{name}-{}-{:?}",
-            std::process::id(),
-            thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, s: &str) -> PathBuf {
-        self.0.join(s)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Vm {
     g: SimGuest,
@@ -227,10 +205,13 @@ fn fifty_concurrent_host_clients_each_move_four_mib() {
         .map(|i| {
             let sock = sock.clone();
             thread::spawn(move || {
+                // The data first: the device gives a client 5 s (handshake_timeout_ms) from
+                // its connect to its CONNECT line, and 50 threads making 4 MiB each on a
+                // loaded machine can take longer than that.
+                let data = pattern(SIZE, i as u8);
                 let mut s = UnixStream::connect(&sock).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                 // The line and the first bytes in one write().
-                let data = pattern(SIZE, i as u8);
                 let mut first = format!("CONNECT {}\n", 5000 + i).into_bytes();
                 first.extend_from_slice(&data[..1000]);
                 s.write_all(&first).unwrap();
@@ -260,9 +241,10 @@ fn fifty_concurrent_host_clients_each_move_four_mib() {
     // The guest echoes every connection back.
     let mut open: Vec<u32> = Vec::new();
     let mut got: std::collections::HashMap<u32, usize> = Default::default();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut progress = Progress::new();
     let mut done = 0;
-    while done < N && Instant::now() < deadline {
+    let mut echoed = 0;
+    while done < N && progress.going(echoed) {
         while let Some(p) = v.g.accept(Duration::ZERO) {
             open.push(p);
         }
@@ -270,10 +252,11 @@ fn fifty_concurrent_host_clients_each_move_four_mib() {
             let data = v.g.recv(p, 64 * 1024);
             if !data.is_empty() {
                 *got.entry(p).or_default() += data.len();
+                echoed += data.len();
                 v.g.send(p, &data, T).unwrap();
             }
             if got.get(&p) == Some(&SIZE) {
-                v.g.shutdown(p, vsock_router::device::packet::shutdown::SEND);
+                v.g.shutdown(p, vsock_router::wire::shutdown::SEND);
                 open.retain(|&q| q != p);
                 got.remove(&p);
                 done += 1;
@@ -281,6 +264,10 @@ fn fifty_concurrent_host_clients_each_move_four_mib() {
         }
         v.g.pump(Duration::from_millis(1));
     }
+    assert_eq!(
+        done, N,
+        "the echo stopped moving: {done} of {N} connections done, {echoed} bytes echoed"
+    );
     for c in clients {
         let (sent, back) = c.join().unwrap();
         assert_eq!(sent, back, "echoed bytes hash-checked");
@@ -303,8 +290,8 @@ fn serve_sibling(
         let peer = (g.socks[&p].peer_cid, g.socks[&p].peer_port);
         let mut got = Vec::new();
         let mut off = 0;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while (got.len() < expect_len || off < send.len()) && Instant::now() < deadline {
+        let mut progress = Progress::new();
+        while (got.len() < expect_len || off < send.len()) && progress.going(got.len() + off) {
             if off < send.len() {
                 let n = (send.len() - off).min(64 * 1024);
                 g.send(p, &send[off..off + n], T).unwrap();
@@ -338,8 +325,8 @@ fn siblings_exchange_eight_mib_each_way_with_true_cids() {
     assert!(!conns[0].to_host);
     let mut got = Vec::new();
     let mut off = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (got.len() < SIZE || off < SIZE) && Instant::now() < deadline {
+    let mut progress = Progress::new();
+    while (got.len() < SIZE || off < SIZE) && progress.going(got.len() + off) {
         if off < SIZE {
             let n = (SIZE - off).min(64 * 1024);
             a.g.send(pa, &up[off..off + n], T).unwrap();

@@ -12,22 +12,66 @@
 #   VR_TOOLS_DIR           static helpers (vr-kvmcheck), put on the KVM host's PATH
 #   VR_TSC_KHZ             host TSC kHz for tsc_early_khz=
 #   VR_QEMU                path of qemu-system-x86_64
-# Progress goes to stderr. Idempotent: a warm run takes about a second.
+# Progress goes to stderr: what each step builds, and for a step that is not a cache hit a
+# "still working" line every 30 s and its time at the end; a warm run (about a second) is silent.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+# vr_step NAME HINT CMD...: one build step; prints CMD's stdout (its result). CMD's progress
+# lines go to stderr, except its "... cached: ..." lines. A step still running after 30 s says
+# so every 30 s (the first time with HINT, how long a cold build takes), and a step that took
+# more than 3 s (so it built something) reports its time.
+vr_step() {
+	local name="$1" hint="$2" start ticker rc took
+	shift 2
+	start=$(date +%s)
+	# Bounded (at most 2 hours) and gone with this script; its stdout is not $(...)'s.
+	(
+		trap 'kill "$s" 2>/dev/null; exit 0' TERM
+		for _ in $(seq 1 240); do
+			sleep 30 &
+			s=$!
+			wait "$s"
+			kill -0 "$$" 2>/dev/null || exit 0
+			vr_log "$name: still working, $(($(date +%s) - start)) s so far${hint:+ ($hint)}"
+			hint=""
+		done
+	) >/dev/null &
+	ticker=$!
+	set +e
+	{
+		"$@" 2>&1 1>&3 3>&- | grep -v --line-buffered ' cached: ' >&2
+		rc=${PIPESTATUS[0]}
+	} 3>&1
+	set -e
+	kill "$ticker" 2>/dev/null || true
+	wait "$ticker" 2>/dev/null || true
+	took=$(($(date +%s) - start))
+	if [ "$rc" -ne 0 ]; then
+		vr_log "$name: FAILED after $took s"
+		return "$rc"
+	fi
+	[ "$took" -lt 3 ] || vr_log "$name: done in $took s"
+}
+
+# Says what it installs and how long that took (nothing when all are there).
 vr_ensure_pkgs qemu-system-x86 busybox-static socat cpio linux-source-6.1 bc flex bison \
 	libelf-dev libssl-dev build-essential linux-libc-dev xz-utils zstd
 command -v qemu-system-x86_64 >/dev/null || vr_die "qemu-system-x86_64 missing although qemu-system-x86 is installed"
 mkdir -p "$VR_CACHE"
 # One build at a time per cache (parallel cargo tests call this too).
 exec 9>"$VR_CACHE/.build-all.lock"
-flock -w 1800 9 || vr_die "timed out waiting for $VR_CACHE/.build-all.lock"
+if ! flock -n 9; then
+	vr_log "waiting for another build of $VR_CACHE to finish"
+	flock -w 1800 9 || vr_die "timed out waiting for $VR_CACHE/.build-all.lock"
+fi
 
-inner_kernel="$("$VR_IMAGES_DIR/build-inner-kernel.sh")"
-inner_initramfs="$("$VR_IMAGES_DIR/build-inner-initramfs.sh")"
-host_dir="$("$VR_IMAGES_DIR/build-host-kernel.sh")"
-tools_dir="$("$VR_IMAGES_DIR/build-tools.sh")"
+inner_kernel="$(vr_step "inner kernel" "a cold build takes about 2.5 minutes on 2 idle cores" \
+	"$VR_IMAGES_DIR/build-inner-kernel.sh")"
+inner_initramfs="$(vr_step "inner initramfs" "" "$VR_IMAGES_DIR/build-inner-initramfs.sh")"
+host_dir="$(vr_step "KVM host kernel" "download and unpack: under a minute" \
+	"$VR_IMAGES_DIR/build-host-kernel.sh")"
+tools_dir="$(vr_step "tools" "" "$VR_IMAGES_DIR/build-tools.sh")"
 host_vmlinux=""
 [ -f "$host_dir/vmlinux" ] && host_vmlinux="$host_dir/vmlinux"
 

@@ -20,14 +20,26 @@ vr_ensure_pkgs() {
 	done
 	[ "${#missing[@]}" -eq 0 ] && return 0
 	[ "$(id -u)" -eq 0 ] || vr_die "missing packages (${missing[*]}) and not root: install them with apt-get"
+	local t0=$SECONDS
 	if [ -z "${VR_APT_UPDATED:-}" ]; then
-		vr_log "apt-get update"
+		vr_log "apt-get update ..."
 		apt-get update -qq >&2 || vr_die "apt-get update failed"
 		export VR_APT_UPDATED=1
+		vr_log "apt-get update: $((SECONDS - t0)) s"
 	fi
-	vr_log "installing: ${missing[*]}"
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
-		vr_die "apt-get install ${missing[*]} failed"
+	t0=$SECONDS
+	vr_log "installing ${#missing[@]} Debian packages (about a minute on a fresh machine): ${missing[*]}"
+	# dpkg's own progress ("Reading database ... 5%", triggers) goes to a log,
+	# shown only when the install fails.
+	local log
+	log="$(mktemp -t vr-apt.XXXXXX)"
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$log" 2>&1; then
+		tail -n 40 "$log" >&2
+		rm -f "$log"
+		vr_die "apt-get install ${missing[*]} failed (its last 40 lines above)"
+	fi
+	rm -f "$log"
+	vr_log "installed in $((SECONDS - t0)) s"
 }
 
 # Installed version of a Debian package (empty when not installed).

@@ -5,13 +5,75 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::HarnessError;
 
 /// Upper bound for a cold `build-all.sh` (apt installs + kernel build).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+/// Upper bound for one `cargo build` of a binary the guests get.
+const CARGO_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// A build step that takes longer than this (a cold build, not a cache check) says so.
+const QUIET_STEP: Duration = Duration::from_secs(3);
+
+/// Writes `text` to stderr past libtest's output capture: build progress shows in tests too.
+fn say(text: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
+}
+
+/// Copies the lines a build script appends to its log file to stderr as they come (a file, not
+/// a pipe: the script's children may keep a pipe open after the script is gone).
+struct LogFollower {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogFollower {
+    fn start(path: PathBuf) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&done);
+        let thread = std::thread::spawn(move || {
+            let mut at = 0usize;
+            loop {
+                // Once told to stop, one last read takes what is left.
+                let last = stop.load(Ordering::Acquire);
+                let text = std::fs::read(&path).unwrap_or_default();
+                if let Some(end) = text[at.min(text.len())..].iter().rposition(|&b| b == b'\n') {
+                    let end = at + end + 1;
+                    say(&String::from_utf8_lossy(&text[at..end]));
+                    at = end;
+                }
+                if last {
+                    if at < text.len() {
+                        say(&format!("{}\n", String::from_utf8_lossy(&text[at..])));
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        LogFollower {
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// Prints what is left and stops the thread; idempotent (also run on drop).
+    fn finish(&mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LogFollower {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
 
 /// Paths and facts from `$VR_CACHE/artifacts.env`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,12 +179,12 @@ fn build_all() -> Result<Artifacts, HarnessError> {
         ));
     }
     let script = images_dir().join("build-all.sh");
-    eprintln!(
-        "[vsock-integration] {} (a cold build takes about 4 minutes)",
-        script.display()
-    );
     let started = Instant::now();
     let log = tempfile::NamedTempFile::new()?;
+    // Its progress lines ("[images] ...": what is being built, for how long) show as they come;
+    // a warm run prints none.
+    let mut follower = LogFollower::start(log.path().to_path_buf());
+    let mut announced = false;
     let mut child = Command::new("bash")
         .arg(&script)
         .stdin(Stdio::null())
@@ -145,8 +207,18 @@ fn build_all() -> Result<Artifacts, HarnessError> {
             let _ = child.wait();
             break None;
         }
+        if !announced && started.elapsed() > QUIET_STEP {
+            announced = true;
+            say(&format!(
+                "[vsock-integration] building the guest images that are not cached yet ({}; \
+                 from scratch about 7 minutes on 2 cores: apt packages, inner kernel, host \
+                 kernel)\n",
+                script.display()
+            ));
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
+    follower.finish();
     let stdout = reader.join().unwrap_or_default();
     let stderr = std::fs::read_to_string(log.path()).unwrap_or_default();
     match status {
@@ -154,10 +226,12 @@ fn build_all() -> Result<Artifacts, HarnessError> {
             "qemu-system-x86_64 is missing and build-all.sh could not install it:\n{stderr}"
         ))),
         Some(s) if s.success() => {
-            eprintln!(
-                "[vsock-integration] artifacts ready in {:.1} s",
-                started.elapsed().as_secs_f64()
-            );
+            if announced {
+                say(&format!(
+                    "[vsock-integration] guest images ready after {:.0} s\n",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
             parse_artifacts_env(&stdout)
         }
         Some(s) => Err(HarnessError::Build {
@@ -195,7 +269,20 @@ pub fn build_workspace_binary(package: &str, bin: &str) -> Result<PathBuf, Harne
         .clone()
 }
 
-fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+/// `vr-socat` (`integration/src/bin/vr-socat.rs`), built as a static executable: the harness
+/// puts it on `PATH` in every KVM host and inner guest (`/vr/bin`), where the scenarios use it
+/// for their AF_VSOCK connects with a raised kernel connect timeout. Built once per process,
+/// into `<target>/vr-integration-static`.
+pub fn guest_helper() -> Result<&'static Path, HarnessError> {
+    static HELPER: OnceLock<Result<PathBuf, HarnessError>> = OnceLock::new();
+    HELPER
+        .get_or_init(|| cargo_build_static("vsock-integration", "vr-socat"))
+        .as_ref()
+        .map(PathBuf::as_path)
+        .map_err(Clone::clone)
+}
+
+fn workspace_and_target(subdir: &str) -> (PathBuf, PathBuf) {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("integration/ has a parent")
@@ -203,11 +290,38 @@ fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
-        .join("vr-integration");
+        .join(subdir);
+    (workspace, target)
+}
+
+fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    let (workspace, target) = workspace_and_target("vr-integration");
+    let mut cmd = cargo_command(&workspace, package, bin, &target);
+    run_cargo(&mut cmd, package, bin, target.join("release").join(bin))
+}
+
+/// As [`cargo_build`], statically linked (glibc's static libraries, like `vsock-connect`'s
+/// static build), in a target directory of its own so the flags never force a rebuild
+/// elsewhere.
+fn cargo_build_static(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
+    const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+    let (workspace, target) = workspace_and_target("vr-integration-static");
+    let mut cmd = cargo_command(&workspace, package, bin, &target);
+    cmd.args(["--target", TRIPLE])
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    run_cargo(
+        &mut cmd,
+        package,
+        bin,
+        target.join(TRIPLE).join("release").join(bin),
+    )
+}
+
+fn cargo_command(workspace: &Path, package: &str, bin: &str, target: &Path) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("[vsock-integration] cargo build --release -p {package} --bin {bin}");
-    let out = Command::new(cargo)
-        .current_dir(&workspace)
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
         .args([
             "build",
             "--release",
@@ -217,17 +331,62 @@ fn cargo_build(package: &str, bin: &str) -> Result<PathBuf, HarnessError> {
             bin,
             "--target-dir",
         ])
-        .arg(&target)
-        .stdin(Stdio::null())
-        .output()
+        .arg(target)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a `cargo build`; says what it builds once it takes longer than an up-to-date check.
+fn run_cargo(
+    cmd: &mut Command,
+    package: &str,
+    bin: &str,
+    path: PathBuf,
+) -> Result<PathBuf, HarnessError> {
+    let started = Instant::now();
+    let log = tempfile::NamedTempFile::new()?;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(log.reopen()?)
+        .spawn()
         .map_err(|e| HarnessError::Setup(format!("cannot run cargo: {e}")))?;
-    if !out.status.success() {
+    let mut announced = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > CARGO_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HarnessError::Build {
+                what: format!(
+                    "{package}/{bin} (killed after {} s)",
+                    CARGO_TIMEOUT.as_secs()
+                ),
+                log: std::fs::read_to_string(log.path()).unwrap_or_default(),
+            });
+        }
+        if !announced && started.elapsed() > QUIET_STEP {
+            announced = true;
+            say(&format!(
+                "[vsock-integration] compiling {bin} (cargo build --release -p {package} --bin \
+                 {bin}) ...\n"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if !status.success() {
         return Err(HarnessError::Build {
             what: format!("{package}/{bin}"),
-            log: String::from_utf8_lossy(&out.stderr).into_owned(),
+            log: std::fs::read_to_string(log.path()).unwrap_or_default(),
         });
     }
-    let path = target.join("release").join(bin);
+    if announced {
+        say(&format!(
+            "[vsock-integration] {bin} compiled in {:.0} s\n",
+            started.elapsed().as_secs_f64()
+        ));
+    }
     if !path.is_file() {
         return Err(HarnessError::Setup(format!(
             "cargo built {package} but {} is missing",

@@ -157,6 +157,106 @@ pub fn parse_console(text: &str) -> ConsoleReport {
     report
 }
 
+/// What a kernel prints when it faults: oopses and BUGs (`BUG: unable to handle page fault`,
+/// `BUG: TASK stack guard page was hit`, `watchdog: BUG: soft lockup - CPU#1 stuck`, `kernel
+/// BUG at ...`, `Oops: 0000 [#1]`, `stack guard page: 0000 [#1]`) and panics.
+pub const KERNEL_FAULT_MARKERS: &[&str] = &[
+    "BUG:",
+    "kernel BUG at",
+    "Oops",
+    "stack guard page",
+    "Kernel panic",
+];
+
+/// True when `line` of a VM's serial console is a fault message of the kernel that QEMU boots
+/// (the KVM host's): a printk line (`[  12.345678] ...`, Debian kernels print the time) with a
+/// [`KERNEL_FAULT_MARKERS`] marker after the timestamp. Never for our own result lines
+/// (`VRTEST...`, whose details may quote a log) nor for a nested guest's console that a
+/// scenario relays (`vr_relay`: `PREFIX: <line>`): an inner guest's oops is a failure of the
+/// VMM under test, not of the platform. The timestamp may follow other text on the line (a
+/// kernel message interrupting a half-written line of user space).
+pub fn is_kernel_fault_line(line: &str) -> bool {
+    let line = line.trim_end_matches('\r');
+    if line.starts_with("VRTEST") || relay_prefix(line).is_some() {
+        return false;
+    }
+    let mut rest = line;
+    while let Some(at) = rest.find('[') {
+        let after = &rest[at + 1..];
+        if let Some(len) = printk_time_len(after) {
+            let msg = &after[len..];
+            if KERNEL_FAULT_MARKERS.iter().any(|m| msg.contains(m)) {
+                return true;
+            }
+        }
+        rest = after;
+    }
+    false
+}
+
+/// What a scenario prints when reference software it runs (not the code under test: QEMU as
+/// the reference VMM) stalls on the emulated platform: `VRTEST-PLATFORM-FAULT <detail>`
+/// (`vr_stall_watch`).
+pub const PLATFORM_FAULT: &str = "VRTEST-PLATFORM-FAULT";
+
+/// The platform's faults on `console`: the KVM host's kernel faults ([`kernel_fault_lines`])
+/// and the stalls scenarios report ([`PLATFORM_FAULT`] lines).
+pub fn platform_fault_lines(console: &str) -> Vec<String> {
+    let mut lines = kernel_fault_lines(console);
+    lines.extend(
+        console
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| l.starts_with(PLATFORM_FAULT))
+            .map(str::to_string),
+    );
+    lines
+}
+
+/// The lines of `console` for which [`is_kernel_fault_line`] holds.
+pub fn kernel_fault_lines(console: &str) -> Vec<String> {
+    console
+        .split('\n')
+        .filter(|l| is_kernel_fault_line(l))
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+/// `PREFIX` of a line `vr_relay PREFIX` printed for a nested console (`PREFIX: text`).
+pub(crate) fn relay_prefix(line: &str) -> Option<&str> {
+    let (prefix, _) = line.split_once(": ")?;
+    let ok = !prefix.is_empty()
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+    ok.then_some(prefix)
+}
+
+/// Length of `   12.345678]` (a printk time without its `[`), if `s` starts with one.
+fn printk_time_len(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() && b[i] == b' ' {
+        i += 1;
+    }
+    let int_start = i;
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    if i == int_start || i >= b.len() || b[i] != b'.' {
+        return None;
+    }
+    i += 1;
+    let frac_start = i;
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    if i == frac_start || i >= b.len() || b[i] != b']' {
+        return None;
+    }
+    Some(i + 1)
+}
+
 /// Splits off the first space-separated word; `None` for an empty line.
 fn split_word(s: &str) -> Option<(&str, &str)> {
     let s = s.trim_start();
@@ -221,6 +321,58 @@ mod tests {
         assert!(r.malformed.is_empty());
         assert_eq!(r.order, ["host-modules-kvm", "dev-kvm", "x", "x#2"]);
         assert_eq!(r.problems(&["dev-kvm"]), ["FAIL x#2: second x"]);
+    }
+
+    #[test]
+    fn kvm_host_kernel_faults_are_recognised() {
+        for line in [
+            // Seen on the KVM host (Debian 6.1.0-57) in a user's run and in ours.
+            "[  212.634817] BUG: TASK stack guard page was hit at 00000000a1b2c3d4 (stack is 0000000011112222..0000000033334444)",
+            "[  212.634901] stack guard page: 0000 [#1] PREEMPT SMP NOPTI",
+            "[   64.100321] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [vcpu0:201]\r",
+            "[    9.000001] BUG: unable to handle page fault for address: ffffffffc0a00000",
+            "[    9.000002] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+            "[    9.000003] kernel BUG at mm/slub.c:379!",
+            "[    5.318542] Kernel panic - not syncing: sysrq triggered crash",
+            // A kernel message that interrupted a line user space was writing.
+            "socat[12] N start[  33.123456] BUG: soft lockup - CPU#0 stuck for 23s! [sh:1]",
+        ] {
+            assert!(is_kernel_fault_line(line), "{line}");
+        }
+        let console = "VRTEST a PASS\n[ 1.000000] BUG: x\nplain\n";
+        assert_eq!(kernel_fault_lines(console), ["[ 1.000000] BUG: x"]);
+        let stalled =
+            format!("{console}\nVRTEST-PLATFORM-FAULT q made no progress for 240 s: x\r\n");
+        assert_eq!(
+            platform_fault_lines(&stalled),
+            [
+                "[ 1.000000] BUG: x",
+                "VRTEST-PLATFORM-FAULT q made no progress for 240 s: x"
+            ]
+        );
+    }
+
+    #[test]
+    fn inner_guest_faults_and_ordinary_lines_are_not_platform_faults() {
+        for line in [
+            // The inner guest's kernel, relayed by vr_relay: a failure of the VMM under test.
+            "inner: [    3.210000] BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            "inner: [    3.210100] Oops: 0002 [#1] SMP",
+            "a: [    4.000000] Kernel panic - not syncing: Attempted to kill init!",
+            "nested/x: [    1.5] BUG: soft lockup - CPU#0 stuck for 22s!",
+            // Our result lines may quote logs.
+            "VRTEST inner-log FAIL [    3.2] BUG: kernel NULL pointer dereference",
+            "VRTEST-INFO connections [ 1.0] Oops",
+            // Ordinary KVM host and scenario lines.
+            "[    0.660603] PCI: Fatal: No config space access function found",
+            "[   13.542101] kvm [185]: vcpu0, guest rIP: 0xffffffff81002899 Unhandled WRMSR(0xc0010007) = 0xffff",
+            "[   96.478852] reboot: Restarting system",
+            "BUG: words without a kernel timestamp (a scenario's own output)",
+            "grep: [x.y] Oops",
+            "",
+        ] {
+            assert!(!is_kernel_fault_line(line), "{line}");
+        }
     }
 
     #[test]

@@ -41,6 +41,25 @@ pub enum HarnessError {
         /// QEMU's own stdout/stderr.
         qemu_log: String,
     },
+    /// A fault of the emulated platform, not of the code under test: the kernel that QEMU boots
+    /// (the KVM host's, or the inner guest's in a direct run) printed an oops, a BUG (soft
+    /// lockups too) or a panic on the serial console, and the run was ended as soon as it was
+    /// seen; or an inner guest under `vsock-vmm` triple-faulted before its vsock device was
+    /// activated (see [`crate::InnerTripleFault`]). An inner guest's kernel that faults later is
+    /// a failure of the code under test. [`crate::rerun_on_platform_fault`] reruns the scenario
+    /// once.
+    PlatformFault {
+        /// Name of the run.
+        name: String,
+        /// The console lines that show the fault.
+        lines: Vec<String>,
+        /// Seconds from the start of the run to the fault.
+        after: Duration,
+        /// Full serial console.
+        console: String,
+        /// QEMU's own stdout/stderr.
+        qemu_log: String,
+    },
     /// The run finished but a check failed, a required check is missing, or
     /// the scenario's exit code was not 0.
     ChecksFailed {
@@ -56,11 +75,17 @@ pub enum HarnessError {
 }
 
 impl HarnessError {
+    /// True for a [`HarnessError::PlatformFault`].
+    pub fn is_platform_fault(&self) -> bool {
+        matches!(self, HarnessError::PlatformFault { .. })
+    }
+
     /// The serial console captured for this error, if a VM was involved.
     pub fn console(&self) -> Option<&str> {
         match self {
             HarnessError::Timeout { console, .. }
             | HarnessError::QemuExited { console, .. }
+            | HarnessError::PlatformFault { console, .. }
             | HarnessError::ChecksFailed { console, .. } => Some(console),
             _ => None,
         }
@@ -108,6 +133,26 @@ impl fmt::Display for HarnessError {
                 qemu_log,
             } => {
                 write!(f, "{name}: QEMU exited ({status}) before VRTEST-DONE")?;
+                write_logs(f, console, qemu_log)
+            }
+            HarnessError::PlatformFault {
+                name,
+                lines,
+                after,
+                console,
+                qemu_log,
+            } => {
+                write!(
+                    f,
+                    "{name}: PLATFORM FAULT after {:.1} s: the emulated platform faulted (the \
+                     kernel that QEMU boots, or an inner guest's virtual CPU: before the vsock \
+                     device ran, or without a word from the inner kernel), not the code under \
+                     test:",
+                    after.as_secs_f64()
+                )?;
+                for l in lines.iter().take(8) {
+                    write!(f, "\n  {l}")?;
+                }
                 write_logs(f, console, qemu_log)
             }
             HarnessError::ChecksFailed {

@@ -38,6 +38,16 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Accepts one connection on `listener` (bounded wait) and reads it to EOF.
 pub fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u8>, String> {
+    accept_and_read_unless(listener, limit, &|| false)
+}
+
+/// [`accept_and_read`], giving up early (with an error) once `stop()` returns true, e.g. when
+/// the guest that should connect has ended.
+pub fn accept_and_read_unless(
+    listener: &UnixListener,
+    limit: Duration,
+    stop: &dyn Fn() -> bool,
+) -> Result<Vec<u8>, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + limit;
     let mut stream = loop {
@@ -46,6 +56,9 @@ pub fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     return Err(format!("no connection within {} s", limit.as_secs()));
+                }
+                if stop() {
+                    return Err("stopped: the run ended".to_string());
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -62,17 +75,35 @@ pub fn accept_and_read(listener: &UnixListener, limit: Duration) -> Result<Vec<u
 }
 
 /// Host → guest: `CONNECT port` on the guest's `uds`, wait for `OK`, send `data`, shut the
-/// write side and wait for the guest to close. Retries (bounded by `limit`) while the guest does
-/// not listen yet. Returns the `OK` line.
+/// write side and wait for the guest to close. Retries (bounded by `limit`, 0.3 s apart) while
+/// the guest does not listen yet; the number of retries is printed. Returns the `OK` line.
 pub fn connect_and_send(
     uds: &Path,
     port: u32,
     data: &[u8],
     limit: Duration,
 ) -> Result<String, String> {
+    connect_and_send_unless(uds, port, data, limit, &|| false)
+}
+
+/// [`connect_and_send`], giving up early (with an error) once `stop()` returns true.
+pub fn connect_and_send_unless(
+    uds: &Path,
+    port: u32,
+    data: &[u8],
+    limit: Duration,
+    stop: &dyn Fn() -> bool,
+) -> Result<String, String> {
     let deadline = Instant::now() + limit;
     let mut last_err = String::new();
-    while Instant::now() < deadline {
+    let mut retries = 0u32;
+    let report = |retries: u32, how: &str| {
+        eprintln!(
+            "[vsock-integration] connect_and_send {} port {port}: retries={retries}{how}",
+            uds.display()
+        )
+    };
+    while Instant::now() < deadline && !stop() {
         let attempt = || -> Result<String, String> {
             let mut s = UnixStream::connect(uds).map_err(|e| format!("connect: {e}"))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -95,12 +126,20 @@ pub fn connect_and_send(
             Ok(line.trim().to_string())
         };
         match attempt() {
-            Ok(ok) => return Ok(ok),
+            Ok(ok) => {
+                report(retries, "");
+                return Ok(ok);
+            }
             Err(e) => last_err = e,
         }
+        retries += 1;
         std::thread::sleep(Duration::from_millis(300));
     }
-    Err(format!("gave up after {} s: {last_err}", limit.as_secs()))
+    report(retries, " gave-up");
+    Err(format!(
+        "gave up after {} s and {retries} retries: {last_err}",
+        limit.as_secs()
+    ))
 }
 
 /// The start barrier of guests that are siblings on one `vhost-device-vsock` daemon: a guest's
@@ -131,16 +170,34 @@ impl SiblingBarrier {
 
     /// Waits for every guest's report, then lets them all go. Returns how long the slowest took.
     pub fn wait(self, limit: Duration) -> Result<Duration, String> {
+        self.wait_unless(limit, &|| false)
+    }
+
+    /// [`SiblingBarrier::wait`], giving up early once `stop()` returns true (the guests' runs
+    /// ended). A guest retries its report until one gets through, so connections that brought
+    /// no `up` line are skipped (and counted).
+    pub fn wait_unless(self, limit: Duration, stop: &dyn Fn() -> bool) -> Result<Duration, String> {
         let start = Instant::now();
         for (uds, listener) in &self.listeners {
-            let left = limit.saturating_sub(start.elapsed());
-            accept_and_read(listener, left)
-                .map_err(|e| format!("barrier: no report from {}: {e}", uds.display()))?;
+            let mut skipped = 0;
+            loop {
+                let left = limit.saturating_sub(start.elapsed());
+                let got = accept_and_read_unless(listener, left, stop)
+                    .map_err(|e| format!("barrier: no report from {}: {e}", uds.display()))?;
+                if got == b"up\n" {
+                    break;
+                }
+                skipped += 1;
+            }
+            eprintln!(
+                "[vsock-integration] barrier: {} is up (connections without the report: {skipped})",
+                uds.display()
+            );
         }
         let all_up = start.elapsed();
         for (uds, _) in &self.listeners {
             let left = limit.saturating_sub(start.elapsed());
-            connect_and_send(uds, BARRIER_GO_PORT, b"go\n", left)
+            connect_and_send_unless(uds, BARRIER_GO_PORT, b"go\n", left, stop)
                 .map_err(|e| format!("barrier: cannot release {}: {e}", uds.display()))?;
         }
         Ok(all_up)

@@ -25,24 +25,36 @@
 
 mod artifacts;
 mod console;
+mod cpio;
 mod error;
+mod faults;
 mod hybrid;
+mod inner_faults;
 mod machine;
 mod process;
+mod uplink;
 mod vm;
 
 pub use artifacts::{
-    artifacts_or_skip, build_workspace_binary, ensure_artifacts, hardware_kvm_or_skip,
-    host_has_hardware_kvm, images_dir, parse_artifacts_env, platform, Artifacts,
+    artifacts_or_skip, build_workspace_binary, ensure_artifacts, guest_helper,
+    hardware_kvm_or_skip, host_has_hardware_kvm, images_dir, parse_artifacts_env, platform,
+    Artifacts,
 };
-pub use console::{parse_console, CheckResult, ConsoleReport, Status};
+pub use console::KERNEL_FAULT_MARKERS;
+pub use console::{
+    is_kernel_fault_line, kernel_fault_lines, parse_console, platform_fault_lines, CheckResult,
+    ConsoleReport, Status, PLATFORM_FAULT,
+};
 pub use error::HarnessError;
+pub use faults::{rerun_on_platform_fault, PLATFORM_FAULTS_ENV};
 pub use hybrid::{
-    accept_and_read, connect_and_send, pattern, sha256_hex, SiblingBarrier, BARRIER_GO_PORT,
-    BARRIER_UP_PORT,
+    accept_and_read, accept_and_read_unless, connect_and_send, connect_and_send_unless, pattern,
+    sha256_hex, SiblingBarrier, BARRIER_GO_PORT, BARRIER_UP_PORT,
 };
+pub use inner_faults::{inner_triple_faults, kernel_report, symbolize, InnerTripleFault};
 pub use process::{
     start_vhost_user_vsock, start_vhost_user_vsock_vms, vhost_user_backend, wait_for_path,
     ProcessGuard, VhostUserVm,
 };
+pub use uplink::{run_uplink, UplinkRun, ENCLAVE_CID, KVM_HOST_CID};
 pub use vm::{base64, GuestKind, GuestRun, RunOutcome, RunningVm};

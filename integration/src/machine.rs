@@ -11,6 +11,11 @@
 //!
 //! A script that could open AF_VSOCK on the machine (socat `VSOCK-*` addresses, `/dev/vsock`) is
 //! refused before it starts; `vsock-vmm` inherits `VSOCK_ROUTER_FORBID_AF_VSOCK` from the tests.
+//!
+//! The private `/tmp` hides everything under the machine's `/tmp`, possibly the checkout itself
+//! (its `vrtest.sh`), the cargo target directory (the binaries) or the image cache. So what the
+//! run needs from there is copied (hard-linked where possible) into the run's directory, which
+//! lives under `/var/tmp`, before the namespace replaces `/tmp`; the rest is symlinked.
 
 use std::fs::File;
 use std::os::unix::fs::symlink;
@@ -37,7 +42,20 @@ pub(crate) fn check_script(name: &str, script: &str) -> Result<(), HarnessError>
     Ok(())
 }
 
-/// `dir/bin`: every busybox applet, the machine tools and `binaries`, as symlinks.
+/// Makes `src` available as `dest` inside the run: a symlink, or, when `src` is under `/tmp`
+/// (hidden by the run's private `/tmp`), a hard link or a copy.
+fn provide(src: &Path, dest: &Path) -> Result<(), HarnessError> {
+    let real = std::fs::canonicalize(src)
+        .map_err(|e| HarnessError::Setup(format!("{}: {e}", src.display())))?;
+    if !real.starts_with("/tmp") {
+        symlink(&real, dest)?;
+    } else if std::fs::hard_link(&real, dest).is_err() {
+        std::fs::copy(&real, dest)?;
+    }
+    Ok(())
+}
+
+/// `dir/bin`: every busybox applet, the machine tools and `binaries`.
 fn populate_bin(dir: &Path, binaries: &[PathBuf]) -> Result<PathBuf, HarnessError> {
     let missing =
         |what: &str| HarnessError::Unavailable(format!("{what} not found on this machine"));
@@ -59,18 +77,21 @@ fn populate_bin(dir: &Path, binaries: &[PathBuf]) -> Result<PathBuf, HarnessErro
         let link = bin.join(name);
         // Ours win over a busybox applet of the same name.
         let _ = std::fs::remove_file(&link);
-        symlink(path, link)?;
+        provide(path, &link)?;
     }
     Ok(bin)
 }
 
-/// Prepares `dir` (scenario, tools, inner images) and starts the scenario; its output goes to
-/// `console`. The child is `unshare`, which kills the namespace's processes when it dies.
+/// Prepares `dir` (scenario, helpers, tools, inner images: the kernel from `artifacts`, the
+/// initramfs `inner_initramfs`) and starts the scenario; its output goes to `console`. The child
+/// is `unshare`, which kills the namespace's processes when it dies. `dir` must not be under
+/// `/tmp`.
 pub(crate) fn spawn(
     name: &str,
     script: &str,
     binaries: &[PathBuf],
     artifacts: &Artifacts,
+    inner_initramfs: &Path,
     dir: &Path,
     console: &Path,
 ) -> Result<Child, HarnessError> {
@@ -78,8 +99,11 @@ pub(crate) fn spawn(
     let bin = populate_bin(dir, binaries)?;
     let inner = dir.join("inner");
     std::fs::create_dir_all(&inner)?;
-    symlink(&artifacts.inner_vmlinux, inner.join("vmlinux"))?;
-    symlink(&artifacts.inner_initramfs, inner.join("initramfs.cpio"))?;
+    provide(&artifacts.inner_vmlinux, &inner.join("vmlinux"))?;
+    provide(inner_initramfs, &inner.join("initramfs.cpio"))?;
+    // The helpers every scenario sources, from the checkout, which may be under /tmp.
+    let vrtest = dir.join("vrtest.sh");
+    std::fs::copy(images_dir().join("rootfs/vrtest.sh"), &vrtest)?;
     std::fs::write(dir.join("scenario.sh"), script)?;
     let run = dir.join("run.sh");
     std::fs::write(
@@ -90,7 +114,7 @@ pub(crate) fn spawn(
              . {vrtest}\n\
              ( . {dir}/scenario.sh )\n\
              echo \"VRTEST-DONE rc=$?\"\n",
-            vrtest = images_dir().join("rootfs/vrtest.sh").display(),
+            vrtest = vrtest.display(),
             dir = dir.display(),
         ),
     )?;
@@ -102,7 +126,8 @@ pub(crate) fn spawn(
         HarnessError::Unavailable("unshare (util-linux) not found on this machine".into())
     })?;
     let mut cmd = Command::new(unshare);
-    cmd.args(["--mount", "--propagation", "private", "--pid", "--fork"])
+    cmd.current_dir(dir)
+        .args(["--mount", "--propagation", "private", "--pid", "--fork"])
         .args(["--kill-child", "--mount-proc"])
         .arg(bin.join("sh"))
         .arg(&run)

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::artifacts::{images_dir, Artifacts};
-use crate::console::{parse_console, ConsoleReport};
+use crate::artifacts::{guest_helper, images_dir, Artifacts};
+use crate::console::{parse_console, platform_fault_lines, ConsoleReport};
+use crate::inner_faults::inner_triple_faults;
 use crate::HarnessError;
 
 /// Linux's x86 command-line limit (COMMAND_LINE_SIZE), including our options.
@@ -29,6 +30,11 @@ const NESTED_QEMU_FIRMWARE: [&str; 4] = [
 ];
 /// How long QEMU may take to exit after `VRTEST-DONE` before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
+/// After a kernel fault shows on the console, how long the rest of its report may take to
+/// arrive before QEMU is killed.
+const FAULT_GRACE: Duration = Duration::from_secs(2);
+/// Where the guests find `vr-socat` (on their `PATH`).
+const HELPER_GUEST_PATH: &str = "vr/bin/vr-socat";
 
 /// Which guest a [`GuestRun`] boots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,8 +82,11 @@ pub struct GuestRun {
 
 impl GuestRun {
     fn new(kind: GuestKind, scenario: Scenario) -> Self {
+        // The KVM host's limit is a bound for a run under emulation on a loaded machine, not
+        // its expected time: a reference-QEMU run that takes 11 s alone took over 180 s beside
+        // other TCG guests and stress-ng (1 Dec 2026). Faults end a run at once anyway.
         let (memory, smp, timeout) = match kind {
-            GuestKind::KvmHost => ("2G", 2, Duration::from_secs(180)),
+            GuestKind::KvmHost => ("2G", 2, Duration::from_secs(600)),
             GuestKind::InnerDirect => ("256M", 1, Duration::from_secs(60)),
             GuestKind::Machine => ("-", 0, Duration::from_secs(180)),
         };
@@ -99,7 +108,7 @@ impl GuestRun {
     }
 
     /// A KVM host run with `script` as its scenario (`/vr/scenario.sh`).
-    /// Defaults: 2 GiB, 2 vCPUs, module set `kvm`, 180 s limit.
+    /// Defaults: 2 GiB, 2 vCPUs, module set `kvm`, 600 s limit.
     pub fn kvm_host(script: impl Into<String>) -> Self {
         Self::new(GuestKind::KvmHost, Scenario::Script(script.into()))
     }
@@ -224,15 +233,18 @@ impl GuestRun {
 
     /// Boots the guest, waits for the scenario and checks the verdict: every
     /// name in `required` must be PASS, no check may FAIL, and the scenario
-    /// must exit 0. Errors carry the whole console log.
+    /// must exit 0. Errors carry the whole console log. A platform fault (the KVM host's kernel
+    /// faulted) reruns the scenario once ([`crate::rerun_on_platform_fault`]).
     pub fn run(
         &self,
         artifacts: &Artifacts,
         required: &[&str],
     ) -> Result<RunOutcome, HarnessError> {
-        let outcome = self.spawn(artifacts)?.wait()?;
-        outcome.check(required)?;
-        Ok(outcome)
+        crate::faults::rerun_on_platform_fault(&self.name, || {
+            let outcome = self.spawn(artifacts)?.wait()?;
+            outcome.check(required)?;
+            Ok(outcome)
+        })
     }
 
     /// Boots the guest and returns at once; QEMU is killed when the returned
@@ -264,7 +276,8 @@ impl GuestRun {
                     return Err(HarnessError::Setup("KVM host runs take a script".into()));
                 };
                 let initrd = dir.join("host-initramfs.cpio");
-                self.make_host_initramfs(artifacts, &dir, script, &initrd)?;
+                let inner = inner_initramfs_with_helper(artifacts, &dir)?;
+                self.make_host_initramfs(artifacts, &dir, script, &inner, &initrd)?;
                 (artifacts.host_kernel.clone(), initrd)
             }
             GuestKind::Machine => unreachable!("handled above"),
@@ -330,11 +343,17 @@ impl GuestRun {
         let child = cmd
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("cannot start run-kvm-host.sh: {e}")))?;
-        Ok(self.running(child, dir, tempdir))
+        Ok(self.running(artifacts, child, dir, tempdir))
     }
 
     /// The handle of a run just started in `dir` (console and QEMU logs at their usual names).
-    fn running(&self, child: Child, dir: PathBuf, tempdir: Option<tempfile::TempDir>) -> RunningVm {
+    fn running(
+        &self,
+        artifacts: &Artifacts,
+        child: Child,
+        dir: PathBuf,
+        tempdir: Option<tempfile::TempDir>,
+    ) -> RunningVm {
         RunningVm {
             name: self.name.clone(),
             child: Some(child),
@@ -344,6 +363,11 @@ impl GuestRun {
             _tempdir: tempdir,
             started: Instant::now(),
             timeout: self.timeout,
+            // A machine run's "console" is its script's output, not a kernel's.
+            detect_faults: self.kind != GuestKind::Machine,
+            done_at: None,
+            fault_at: None,
+            inner_vmlinux: artifacts.inner_vmlinux.clone(),
         }
     }
 
@@ -371,15 +395,19 @@ impl GuestRun {
         let console_path = dir.join("console.log");
         let qemu_log_path = dir.join("qemu.log");
         File::create(&qemu_log_path)?;
+        // The inner guest gets vr-socat; the machine-side script has no use for it (it never
+        // opens AF_VSOCK).
+        let inner = inner_initramfs_with_helper(artifacts, &dir)?;
         let child = crate::machine::spawn(
             &self.name,
             script,
             &self.binaries,
             artifacts,
+            &inner,
             &dir,
             &console_path,
         )?;
-        Ok(self.running(child, dir, tempdir))
+        Ok(self.running(artifacts, child, dir, tempdir))
     }
 
     fn make_host_initramfs(
@@ -387,6 +415,7 @@ impl GuestRun {
         artifacts: &Artifacts,
         dir: &Path,
         script: &str,
+        inner_initramfs: &Path,
         out: &Path,
     ) -> Result<(), HarnessError> {
         let scenario = dir.join("scenario.sh");
@@ -400,13 +429,18 @@ impl GuestRun {
             .arg("--inner-kernel")
             .arg(&artifacts.inner_vmlinux)
             .arg("--inner-initramfs")
-            .arg(&artifacts.inner_initramfs)
+            .arg(inner_initramfs)
             .arg("--host-kernel-dir")
             .arg(&artifacts.host_kernel_dir)
             .arg("--tools-dir")
             .arg(&artifacts.tools_dir)
             .env("TMPDIR", dir);
-        for b in &self.binaries {
+        for b in self
+            .binaries
+            .iter()
+            .map(PathBuf::as_path)
+            .chain([guest_helper()?])
+        {
             cmd.arg("-b").arg(b);
         }
         for (src, dest) in &self.files {
@@ -423,6 +457,19 @@ impl GuestRun {
     }
 }
 
+/// `dir/inner-initramfs.cpio`: the cached inner guest image with `vr-socat` added as
+/// `/vr/bin/vr-socat`, for `vsock-vmm` (or a nested QEMU) to boot.
+fn inner_initramfs_with_helper(artifacts: &Artifacts, dir: &Path) -> Result<PathBuf, HarnessError> {
+    let helper = std::fs::read(guest_helper()?)?;
+    let out = dir.join("inner-initramfs.cpio");
+    crate::cpio::extend_initramfs(
+        &artifacts.inner_initramfs,
+        &[(HELPER_GUEST_PATH, &helper)],
+        &out,
+    )?;
+    Ok(out)
+}
+
 /// A QEMU process that is killed (by PID) and reaped when this is dropped;
 /// a temporary working directory is removed then too.
 #[derive(Debug)]
@@ -435,6 +482,11 @@ pub struct RunningVm {
     qemu_log_path: PathBuf,
     started: Instant,
     timeout: Duration,
+    detect_faults: bool,
+    done_at: Option<Instant>,
+    fault_at: Option<Instant>,
+    /// The inner guests' kernel, to locate their triple faults.
+    inner_vmlinux: PathBuf,
 }
 
 impl RunningVm {
@@ -486,38 +538,123 @@ impl RunningVm {
     /// Waits until the guest prints `VRTEST-DONE` (then up to 10 s more for
     /// QEMU to exit) or QEMU exits, bounded by the run's time limit counted
     /// from the start. Does not judge the results: see [`RunOutcome::check`].
+    /// A kernel fault on the console (see [`crate::is_kernel_fault_line`]) ends the run at once
+    /// with [`HarnessError::PlatformFault`].
     /// With `VR_SHOW_CONSOLE` set, prints the whole console to stderr.
     pub fn wait(mut self) -> Result<RunOutcome, HarnessError> {
-        let deadline = self.started + self.timeout;
-        let mut done_at: Option<Instant> = None;
-        let status: Option<ExitStatus> = loop {
-            let child = self.child.as_mut().expect("child present until drop");
-            if let Some(status) = child.try_wait()? {
-                break Some(status);
-            }
-            let now = Instant::now();
-            if done_at.is_none() && parse_console(&self.console()).is_done() {
-                done_at = Some(now);
-            }
-            match done_at {
-                Some(t) if now.duration_since(t) > EXIT_GRACE => break None,
-                None if now > deadline => {
-                    self.kill();
-                    return Err(HarnessError::Timeout {
-                        name: self.name.clone(),
-                        after: self.timeout,
-                        console: self.console(),
-                        qemu_log: read_lossy(&self.qemu_log_path),
-                    });
-                }
-                _ => {}
+        loop {
+            if let Some(result) = self.poll()? {
+                return result;
             }
             std::thread::sleep(Duration::from_millis(50));
-        };
+        }
+    }
+
+    /// Waits for every run of `vms` (guests that work together) as [`RunningVm::wait`] does,
+    /// all at once; the first error (a platform fault, a timeout, QEMU's exit) ends and kills
+    /// the others and is returned. The outcomes are in the order of `vms`.
+    pub fn wait_all(mut vms: Vec<RunningVm>) -> Result<Vec<RunOutcome>, HarnessError> {
+        let mut outcomes: Vec<Option<RunOutcome>> = vms.iter().map(|_| None).collect();
+        loop {
+            for (vm, slot) in vms.iter_mut().zip(outcomes.iter_mut()) {
+                if slot.is_some() {
+                    continue;
+                }
+                match vm.poll()? {
+                    None => {}
+                    Some(Ok(outcome)) => *slot = Some(outcome),
+                    Some(Err(e)) => {
+                        vms.iter_mut().for_each(RunningVm::kill);
+                        return Err(e);
+                    }
+                }
+            }
+            if outcomes.iter().all(Option::is_some) {
+                return Ok(outcomes.into_iter().flatten().collect());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One look at the run: `None` while it goes on, else how it ended (QEMU is then killed).
+    fn poll(&mut self) -> Result<Option<Result<RunOutcome, HarnessError>>, HarnessError> {
+        let child = self
+            .child
+            .as_mut()
+            .expect("child present until the run ends");
+        let status = child.try_wait()?;
+        let now = Instant::now();
+        let console = self.console();
+        if self.detect_faults && self.fault_at.is_none() {
+            if let Some(first) = platform_fault_lines(&console).first() {
+                self.fault_at = Some(now);
+                let line = format!(
+                    "[vsock-integration] {}: the platform faulted after {:.1} s, ending the run: \
+                     {first}\n",
+                    self.name,
+                    self.started.elapsed().as_secs_f64()
+                );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            }
+        }
+        if let Some(at) = self.fault_at {
+            if status.is_none() && now.duration_since(at) < FAULT_GRACE {
+                return Ok(None);
+            }
+            self.kill();
+            let console = self.console();
+            return Ok(Some(Err(HarnessError::PlatformFault {
+                name: self.name.clone(),
+                lines: platform_fault_lines(&console),
+                after: at.duration_since(self.started),
+                console,
+                qemu_log: read_lossy(&self.qemu_log_path),
+            })));
+        }
+        if self.done_at.is_none() && parse_console(&console).is_done() {
+            self.done_at = Some(now);
+        }
+        match (status, self.done_at) {
+            (Some(status), _) => Ok(Some(self.finish(Some(status)))),
+            (None, Some(t)) if now.duration_since(t) > EXIT_GRACE => Ok(Some(self.finish(None))),
+            (None, None) if now > self.started + self.timeout => {
+                self.kill();
+                Ok(Some(Err(HarnessError::Timeout {
+                    name: self.name.clone(),
+                    after: self.timeout,
+                    console: self.console(),
+                    qemu_log: read_lossy(&self.qemu_log_path),
+                })))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// QEMU exited (`status`) or must go after `VRTEST-DONE` (`None`): the outcome.
+    fn finish(&mut self, status: Option<ExitStatus>) -> Result<RunOutcome, HarnessError> {
         self.kill();
         let console = self.console();
         let qemu_log = read_lossy(&self.qemu_log_path);
         let report = parse_console(&console);
+        if !report.is_done() && status.is_some_and(|s| s.success()) {
+            // QEMU runs the KVM host with -no-reboot, and the host's /init prints VRTEST-DONE
+            // before it powers off, also when its scenario times out; a kernel panic would have
+            // printed a fault line (caught in `poll`). QEMU exiting 0 before that line is the
+            // emulated machine resetting itself without a word: a triple fault of the KVM
+            // host's kernel, whose only link to the code under test is a user process
+            // (`vsock-vmm`) on its KVM. The platform's fault.
+            return Err(HarnessError::PlatformFault {
+                name: self.name.clone(),
+                lines: vec![format!(
+                    "{}: the KVM host reset itself without a kernel message (QEMU, run with \
+                     -no-reboot, exited 0 before VRTEST-DONE)",
+                    self.name
+                )],
+                after: self.started.elapsed(),
+                console,
+                qemu_log,
+            });
+        }
         if !report.is_done() {
             return Err(HarnessError::QemuExited {
                 name: self.name.clone(),
@@ -527,6 +664,26 @@ impl RunningVm {
             });
         }
         let elapsed = self.started.elapsed();
+        let triple_faults = inner_triple_faults(&console);
+        if !triple_faults.is_empty() && triple_faults.iter().all(|f| f.is_platform_fault()) {
+            // The device had not started, or the inner kernel died without a word: the
+            // emulated platform's fault (see crate::inner_faults).
+            return Err(HarnessError::PlatformFault {
+                name: self.name.clone(),
+                lines: triple_faults
+                    .iter()
+                    .map(|f| f.describe(Some(&self.inner_vmlinux)))
+                    .collect(),
+                after: elapsed,
+                console,
+                qemu_log,
+            });
+        }
+        // At least one inner kernel reported a fault before it died: the code under test's.
+        let inner_crashes = triple_faults
+            .iter()
+            .map(|f| f.describe(Some(&self.inner_vmlinux)))
+            .collect();
         if std::env::var_os("VR_SHOW_CONSOLE").is_some() {
             eprintln!(
                 "---- {}: serial console ----\n{console}\n---- end ----",
@@ -545,6 +702,7 @@ impl RunningVm {
             qemu_log,
             exit: status,
             elapsed,
+            inner_crashes,
         })
     }
 
@@ -580,6 +738,10 @@ pub struct RunOutcome {
     pub exit: Option<ExitStatus>,
     /// From QEMU's start to its exit.
     pub elapsed: Duration,
+    /// The inner guests that crashed with a triple fault, one line each (see
+    /// [`crate::InnerTripleFault::describe`]), when one of them had its kernel report a fault
+    /// first (else the run is a platform fault): reported with the problems.
+    pub inner_crashes: Vec<String>,
 }
 
 impl RunOutcome {
@@ -587,7 +749,9 @@ impl RunOutcome {
     /// malformed and the scenario exited 0; else
     /// [`HarnessError::ChecksFailed`] with the console log.
     pub fn check(&self, required: &[&str]) -> Result<(), HarnessError> {
-        let problems = self.report.problems(required);
+        let mut problems = self.report.problems(required);
+        // An inner guest that crashed is a problem of its own, and says why checks failed.
+        problems.extend(self.inner_crashes.iter().cloned());
         if problems.is_empty() {
             return Ok(());
         }

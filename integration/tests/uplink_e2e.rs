@@ -19,12 +19,8 @@
 use std::time::Duration;
 
 use vsock_integration::{
-    artifacts_or_skip, build_workspace_binary, start_vhost_user_vsock_vms, GuestRun,
-    SiblingBarrier, VhostUserVm,
+    artifacts_or_skip, build_workspace_binary, run_uplink, GuestRun, UplinkRun,
 };
-
-const KVM_HOST_CID: u32 = 3;
-const ENCLAVE_CID: u32 = 10;
 
 const KVM_HOST: &str = r#"
 # Nothing goes to the enclave's CID before its device runs (see SiblingBarrier).
@@ -37,15 +33,15 @@ socat -u UNIX-LISTEN:/tmp/v.sock_998 CREATE:/tmp/fallback-done &
 socat -u UNIX-LISTEN:/tmp/v.sock_997 CREATE:/tmp/strict-done &
 vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=192M \
 	--cmdline "$(vr_inner_cmdline vr.scenario=uplink vr.timeout=500)" \
-	--vsock cid=5,socket=/tmp/v.sock,uplink=/dev/vsock,fallback=1,registry=/tmp/reg,listen=8000 \
-	--api-socket /tmp/api >/tmp/inner.log 2>&1 &
+	--vsock cid=5,socket=/tmp/v.sock,uplink=/dev/vsock,fallback=1,registry=/tmp/reg,listen=8000,$VR_VSOCK_TIMEOUTS \
+	--api-socket /tmp/api --log-level info >/tmp/inner.log 2>&1 &
 vmm=$!
 
 # 7. vsock-connect: the inner guest through the registry (retried until it listens) ...
-vr_wait_for 300 sh -c 'echo hello through the registry | vsock-connect --registry /tmp/reg 5 7100 2>/tmp/vc-reg.err'
+vr_retry vsock-connect-registry 300 sh -c 'echo hello through the registry | vsock-connect --registry /tmp/reg 5 7100 2>/tmp/vc-reg.err'
 vr_expect_eq vsock-connect-registry 0 "$?"
 # ... the enclave through the uplink, saying that the fallback was taken ...
-vr_wait_for 300 sh -c 'echo hello-enclave | vsock-connect --registry /tmp/reg 10 7002 2>/tmp/vc-up.err'
+vr_retry vsock-connect-uplink 300 sh -c 'echo hello-enclave | vsock-connect --registry /tmp/reg 10 7002 2>/tmp/vc-up.err'
 vr_expect_eq vsock-connect-uplink 0 "$?"
 vr_info vsock-connect-uplink-stderr "$(cat /tmp/vc-up.err)"
 vr_check vsock-connect-fallback-notice grep -q 'g2h_fallback took the uplink' /tmp/vc-up.err
@@ -80,7 +76,7 @@ vr_check reboot-cleanup test ! -e /tmp/v.sock -a ! -e /tmp/reg/5.sock
 echo 'sleep 600' >/tmp/idle.sh
 vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=128M \
 	--cmdline "$(vr_inner_cmdline "$(vr_cmd_arg /tmp/idle.sh)" vr.timeout=600)" \
-	--vsock cid=5,socket=/tmp/v2.sock,uplink=/dev/vsock,registry=/tmp/reg,listen=8000 \
+	--vsock cid=5,socket=/tmp/v2.sock,uplink=/dev/vsock,registry=/tmp/reg,listen=8000,$VR_VSOCK_TIMEOUTS \
 	--api-socket /tmp/api2 >/tmp/inner2.log 2>&1 &
 vmm2=$!
 vr_wait_for 60 test -S /tmp/reg/5.sock
@@ -93,7 +89,7 @@ vr_check sigterm-cleanup test ! -e /tmp/v2.sock -a ! -e /tmp/reg/5.sock -a ! -e 
 vr_info sigterm-log "$(tail -n 3 /tmp/inner2.log)"
 
 # Tell the enclave we are done (through this host's own /dev/vsock).
-vr_wait_for 60 sh -c 'echo finish | socat -u - VSOCK-CONNECT:10:7999'
+vr_retry enclave-finish-sent 60 sh -c 'echo finish | vr-socat -u - VSOCK-CONNECT:10:7999'
 vr_expect_eq enclave-finish-sent 0 "$?"
 "#;
 
@@ -107,26 +103,32 @@ vr_expect_eq sibling-barrier 0 "$?"
 # (SO_VM_SOCKETS_BUFFER_SIZE: level AF_VSOCK = 40, option 0, a u64), so the KVM host never has
 # more credit than that, and our own sender writes 2 KiB at a time.
 small='setsockopt-listen=40:0:x0008000000000000'
-socat -d -d -u VSOCK-LISTEN:7000,$small CREATE:/tmp/e7000.bin 2>/tmp/e7000.log &
+# The senders retry (until the inner guest, the KVM host or its vsock-vmm is up): our listeners
+# keep accepting, each connection in its own file; the last one, once the KVM host says it has
+# finished (port 7999), is the one checked.
+vr_collect -o ",$small" -l /tmp/e7000.log 7000 /tmp/e7000.d &
 socat -u VSOCK-LISTEN:7001,fork SYSTEM:'echo attempt >> /tmp/strict-attempts' &
-socat -u VSOCK-LISTEN:7002,$small CREATE:/tmp/e7002.bin &
+vr_collect -o ",$small" 7002 /tmp/e7002.d &
+vr_collect -o ",$small" 7999 /tmp/finish.d &
 
 # 8. Connect to the KVM host's CID on port 8000; vsock-vmm's listen=8000 forwards to the inner
 # guest, which answers with the hash of what it got. Retried until the inner guest listens.
 inbound() {
-	socat -b 2048 -t 60 -T 120 'FILE:/tmp/up.bin!!CREATE:/tmp/reply' VSOCK-CONNECT:3:8000 2>/dev/null &&
+	vr-socat -b 2048 -t 60 -T 120 'FILE:/tmp/up.bin!!CREATE:/tmp/reply' VSOCK-CONNECT:3:8000 2>/dev/null &&
 		[ "$(cat /tmp/reply)" = "$want" ] && return 0
 	sleep 1
 	return 1
 }
-vr_wait_for 400 inbound
+vr_retry inbound-reply 400 inbound
 vr_expect_eq inbound-reply "$want" "$(cat /tmp/reply 2>/dev/null)"
 
-timeout 500 socat -u VSOCK-LISTEN:7999,$small CREATE:/tmp/finish
-vr_expect_eq finish-received finish "$(cat /tmp/finish 2>/dev/null)"
-vr_expect_eq uplink-data "$want" "$(vr_sha256 /tmp/e7000.bin)"
-vr_check uplink-peer-is-kvm-host grep -qi 'accepting connection from.*cid:3 ' /tmp/e7000.log
-vr_expect_eq vsock-connect-uplink-data hello-enclave "$(cat /tmp/e7002.bin 2>/dev/null)"
+vr_wait_for 500 vr_collected_is /tmp/finish.d "$(echo finish | sha256sum | cut -d' ' -f1)"
+vr_expect_eq finish-received finish "$(f=$(vr_collected /tmp/finish.d); [ -f "$f" ] && cat "$f")"
+vr_info connections "7000: $(vr_collected_count /tmp/e7000.d), 7002: $(vr_collected_count /tmp/e7002.d), 7999: $(vr_collected_count /tmp/finish.d)"
+f=$(vr_collected /tmp/e7000.d)
+vr_expect_eq uplink-data "$want" "$([ -f "$f" ] && vr_sha256 "$f")"
+vr_check uplink-peer-is-kvm-host grep -qi "accepting connection from.*cid:3 port:${f##*.} " /tmp/e7000.log
+vr_expect_eq vsock-connect-uplink-data hello-enclave "$(f=$(vr_collected /tmp/e7002.d); [ -f "$f" ] && cat "$f")"
 vr_check strict-zero-enclave-attempts test ! -e /tmp/strict-attempts
 "#;
 
@@ -138,65 +140,24 @@ fn real_uplink_through_the_parents_dev_vsock() {
     };
     let vmm = build_workspace_binary("vsock-vmm", "vsock-vmm").unwrap();
     let connect = build_workspace_binary("vsock-router", "vsock-connect").unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("vr-uplink.")
-        .tempdir()
-        .unwrap();
-    let (host_dir, enclave_dir) = (dir.path().join("kvm-host"), dir.path().join("enclave"));
-    std::fs::create_dir(&host_dir).unwrap();
-    std::fs::create_dir(&enclave_dir).unwrap();
-    let (host_vhu, enclave_vhu) = (host_dir.join("vhu.sock"), enclave_dir.join("vhu.sock"));
-    let (host_uds, enclave_uds) = (host_dir.join("vm.vsock"), enclave_dir.join("vm.vsock"));
-    let daemon = start_vhost_user_vsock_vms(&[
-        VhostUserVm {
-            cid: KVM_HOST_CID,
-            vhost_socket: &host_vhu,
-            uds_path: &host_uds,
-        },
-        VhostUserVm {
-            cid: ENCLAVE_CID,
-            vhost_socket: &enclave_vhu,
-            uds_path: &enclave_uds,
-        },
-    ])
-    .unwrap();
-    let barrier = SiblingBarrier::new(&[&host_uds, &enclave_uds]).unwrap();
-    let vhost_user_device = [
-        "-chardev",
-        "socket,id=vu0,path={dir}/vhu.sock",
-        "-device",
-        "vhost-user-vsock-device,chardev=vu0",
-    ];
-
     let enclave = GuestRun::kvm_host(ENCLAVE)
         .name("enclave")
         .modules(&["vsock"])
         .memory("512M")
         .smp(1)
-        .memfd(true)
-        .workdir(&enclave_dir)
-        .qemu_args(vhost_user_device)
-        .timeout(Duration::from_secs(600))
-        .spawn(artifacts)
-        .unwrap();
+        .timeout(Duration::from_secs(600));
     let host = GuestRun::kvm_host(KVM_HOST)
         .name(name)
-        .binary(vmm)
-        .binary(connect)
+        .binary(&vmm)
+        .binary(&connect)
         .modules(&["kvm", "vsock"])
-        .memfd(true)
-        .workdir(&host_dir)
-        .qemu_args(vhost_user_device)
-        .timeout(Duration::from_secs(600))
-        .spawn(artifacts)
-        .unwrap();
-
-    let barrier = barrier.wait(Duration::from_secs(300));
-    let host = host.wait().unwrap();
-    let enclave = enclave.wait().unwrap();
-    let daemon_log = daemon.log();
-    drop(daemon);
-    let both_up = barrier.unwrap_or_else(|e| panic!("{e}\n{}\n{}", host.console, enclave.console));
+        .timeout(Duration::from_secs(600));
+    let UplinkRun {
+        host,
+        enclave,
+        both_up,
+        daemon_log,
+    } = run_uplink(name, artifacts, &host, &enclave).unwrap();
     eprintln!(
         "both guests' vsock devices up after {:.1} s",
         both_up.as_secs_f64()

@@ -2,7 +2,7 @@
 //! before they become [`Incoming`] connections.
 //!
 //! Used by the host backend (hybrid line `CONNECT <port>\n`) and by the CID registry (line
-//! `CONNECT <port> FROM <cid> <port>\n`); see [`super::handshake`] for the grammar. Behaviour,
+//! `CONNECT <port> FROM <cid> <port>\n`); see [`crate::wire::line`] for the grammar. Behaviour,
 //! byte-compatible with Firecracker and Cloud Hypervisor:
 //!
 //! - a line may arrive in any number of pieces; each pending client buffers at most
@@ -28,14 +28,20 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::handshake::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
+use super::backoff::AcceptBackoff;
 use super::stream::SockStream;
-use super::{AcceptReply, Incoming};
-use crate::router::{Path, RouteInfo};
+use super::{AcceptReply, Framing, Incoming};
+use crate::seam::{Path, RouteInfo};
+use crate::stats::Counters;
+use crate::sys;
+use crate::wire::line::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
+use crate::wire::Cid;
 
 /// How long a client may take to send its handshake line, by default.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,13 +64,23 @@ pub enum LineKind {
     /// The hybrid-vsock host socket: `CONNECT <port>\n` from a host program, offered to the
     /// guest from CID 2 with an ephemeral port, answered `OK <port>\n`, routed [`Path::Host`].
     Hybrid,
-    /// The CID registry socket: `CONNECT <port> FROM <cid> <port>\n` from a sibling VMM, offered
-    /// from that CID and port, answered `OK <port>\n`, routed [`Path::Sibling`]. Source CID 2
-    /// is a program on this machine (`vsock-connect`); CIDs 0, 1 and `u32::MAX` are refused.
+    /// The CID registry socket, routed [`Path::Sibling`]: `RELAY <port> FROM <cid> <port>\n`
+    /// from a sibling VMM's device (framed packets follow), or `CONNECT <port> FROM <cid>
+    /// <port>\n` from a program on this machine (`vsock-connect`, as CID 2; a byte stream,
+    /// answered `OK <port>\n`). Either is offered from that CID and port; CIDs 0, 1 and
+    /// `u32::MAX` are refused, and a relay must come from a guest CID (3 or more).
     Registry,
 }
 
 impl LineKind {
+    /// The socket's name in log lines.
+    fn socket_name(self) -> &'static str {
+        match self {
+            LineKind::Hybrid => "host socket",
+            LineKind::Registry => "registry socket",
+        }
+    }
+
     fn incoming(
         self,
         line: Line,
@@ -79,6 +95,7 @@ impl LineKind {
                 src_port: None,
                 prefix,
                 reply: AcceptReply::HybridOk,
+                framing: Framing::Bytes,
                 route: RouteInfo {
                     path: Path::Host,
                     to_host: false,
@@ -90,19 +107,33 @@ impl LineKind {
                     port,
                     cid,
                     src_port,
+                }
+                | Line::Relay {
+                    port,
+                    cid,
+                    src_port,
                 },
-            ) if cid >= 2 && cid != u32::MAX => Some(Incoming {
-                stream,
-                guest_port: port,
-                src_cid: u64::from(cid),
-                src_port: Some(src_port),
-                prefix,
-                reply: AcceptReply::HybridOk,
-                route: RouteInfo {
-                    path: Path::Sibling,
-                    to_host: false,
-                },
-            }),
+            ) if Cid(u64::from(cid)).is_guest()
+                || (Cid(u64::from(cid)) == Cid::HOST && !matches!(line, Line::Relay { .. })) =>
+            {
+                let (reply, framing) = match line {
+                    Line::Relay { .. } => (AcceptReply::None, Framing::Packets),
+                    _ => (AcceptReply::HybridOk, Framing::Bytes),
+                };
+                Some(Incoming {
+                    stream,
+                    guest_port: port,
+                    src_cid: u64::from(cid),
+                    src_port: Some(src_port),
+                    prefix,
+                    reply,
+                    framing,
+                    route: RouteInfo {
+                        path: Path::Sibling,
+                        to_host: false,
+                    },
+                })
+            }
             _ => None,
         }
     }
@@ -122,6 +153,41 @@ pub struct HandshakeStats {
     pub rejected: u64,
     /// Clients closed because they did not finish within the timeout.
     pub timed_out: u64,
+    /// Times `accept()` ran out of file descriptors or memory and the listener paused
+    /// ([`AcceptBackoff`]).
+    pub accept_paused: u64,
+}
+
+/// [`HandshakeStats`] as atomics, bumped on the device thread and read anywhere.
+#[derive(Debug, Default)]
+struct SharedStats {
+    accepted: AtomicU64,
+    over_limit: AtomicU64,
+    completed: AtomicU64,
+    rejected: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+/// A live, thread-safe view of one [`HandshakeServer`]'s counters (for the API's metrics).
+#[derive(Clone, Debug)]
+pub struct HandshakeView {
+    stats: Arc<SharedStats>,
+    paused: Arc<AtomicU64>,
+}
+
+impl HandshakeView {
+    /// The counters now.
+    pub fn stats(&self) -> HandshakeStats {
+        let s = &self.stats;
+        HandshakeStats {
+            accepted: s.accepted.load(Ordering::Relaxed),
+            over_limit: s.over_limit.load(Ordering::Relaxed),
+            completed: s.completed.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            timed_out: s.timed_out.load(Ordering::Relaxed),
+            accept_paused: self.paused.load(Ordering::Relaxed),
+        }
+    }
 }
 
 struct Pending {
@@ -142,7 +208,8 @@ pub struct HandshakeServer {
     next_id: u64,
     timeout: Duration,
     max_pending: usize,
-    stats: HandshakeStats,
+    stats: Arc<SharedStats>,
+    backoff: AcceptBackoff,
 }
 
 impl std::fmt::Debug for HandshakeServer {
@@ -150,7 +217,7 @@ impl std::fmt::Debug for HandshakeServer {
         f.debug_struct("HandshakeServer")
             .field("kind", &self.kind)
             .field("pending", &self.pending.len())
-            .field("stats", &self.stats)
+            .field("stats", &self.stats())
             .finish()
     }
 }
@@ -174,7 +241,8 @@ impl HandshakeServer {
             next_id: 0,
             timeout,
             max_pending: DEFAULT_MAX_PENDING,
-            stats: HandshakeStats::default(),
+            stats: Arc::default(),
+            backoff: AcceptBackoff::default(),
         })
     }
 
@@ -195,17 +263,31 @@ impl HandshakeServer {
 
     /// Counters.
     pub fn stats(&self) -> HandshakeStats {
-        self.stats
+        self.view().stats()
     }
 
-    /// When the oldest pending client times out.
+    /// The counters as other threads see them, live.
+    pub fn view(&self) -> HandshakeView {
+        HandshakeView {
+            stats: Arc::clone(&self.stats),
+            paused: self.backoff.pause_counter(),
+        }
+    }
+
+    /// When the oldest pending client times out, or a paused listener resumes.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.first_key_value().map(|(_, p)| p.deadline)
+        let oldest = self.pending.first_key_value().map(|(_, p)| p.deadline);
+        [oldest, self.backoff.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Accepts new clients, reads handshake lines, expires clients whose deadline is at or
     /// before `now`, and appends finished handshakes to `out`. Never blocks.
     pub fn process(&mut self, now: Instant, out: &mut Vec<Incoming<SockStream>>) {
+        self.backoff
+            .resume_due(&self.epoll, self.listener.as_raw_fd(), LISTENER_TOKEN, now);
         let mut events = std::mem::take(&mut self.events);
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
@@ -233,13 +315,19 @@ impl HandshakeServer {
                 Err(e) => match e.kind() {
                     io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
                     io::ErrorKind::WouldBlock => return,
+                    _ if AcceptBackoff::is_exhaustion(&e) => {
+                        let fd = self.listener.as_raw_fd();
+                        self.backoff
+                            .pause(&self.epoll, fd, self.kind.socket_name(), &e, now);
+                        return;
+                    }
                     _ => {
                         log::warn!("vsock backend: accept: {e}");
                         return;
                     }
                 },
             };
-            self.stats.accepted += 1;
+            Counters::inc(&self.stats.accepted);
             self.make_room(out);
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("vsock backend: handshake client: {e}");
@@ -278,7 +366,7 @@ impl HandshakeServer {
             if let Some(p) = self.pending.remove(&id) {
                 // Closing the fd also takes it out of the epoll set.
                 drop(p);
-                self.stats.over_limit += 1;
+                Counters::inc(&self.stats.over_limit);
             }
         }
     }
@@ -319,14 +407,14 @@ impl HandshakeServer {
             EpollEvent::default(),
         );
         let Some(end) = end else {
-            self.stats.rejected += 1;
+            Counters::inc(&self.stats.rejected);
             log::debug!("vsock backend: handshake client closed before a valid line");
             return;
         };
         if self.peer_gone(&p.stream) {
             // Nobody is left to read our OK: a client that gave up (a sibling device whose
             // connect timed out while this device was not running yet) is not offered.
-            self.stats.rejected += 1;
+            Counters::inc(&self.stats.rejected);
             log::debug!("vsock backend: handshake client gone before it was served");
             return;
         }
@@ -342,31 +430,17 @@ impl HandshakeServer {
         };
         match incoming {
             Some(inc) => {
-                self.stats.completed += 1;
+                Counters::inc(&self.stats.completed);
                 out.push(inc);
             }
-            None => self.stats.rejected += 1,
+            None => Counters::inc(&self.stats.rejected),
         }
     }
 
     /// Whether the client hung up: fully (`POLLHUP`), or — on the registry socket, whose
     /// clients never half-close before the answer — its write side (`POLLRDHUP`).
     fn peer_gone(&self, stream: &UnixStream) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of a zero-timeout call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        if n <= 0 {
-            return false;
-        }
-        let gone = match self.kind {
-            LineKind::Hybrid => libc::POLLHUP,
-            LineKind::Registry => libc::POLLHUP | libc::POLLRDHUP,
-        };
-        pfd.revents & (gone | libc::POLLERR) != 0
+        sys::peer_hung_up(stream.as_raw_fd(), self.kind == LineKind::Registry)
     }
 
     fn expire(&mut self, now: Instant) {
@@ -376,7 +450,7 @@ impl HandshakeServer {
             }
             // Closing the fd also takes it out of the epoll set.
             entry.remove();
-            self.stats.timed_out += 1;
+            Counters::inc(&self.stats.timed_out);
         }
     }
 }

@@ -7,14 +7,12 @@
 //!   accepts the device writes `OK <port>\n` (see [`super::accept`]).
 
 use std::io;
-use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::accept::{HandshakeServer, HandshakeStats, LineKind};
+use super::accept::{HandshakeServer, LineKind};
 use super::stream::SockStream;
 use super::unix::{self, BoundSocket};
-use super::Incoming;
 
 /// The host Unix-socket backend of one device.
 #[derive(Debug)]
@@ -59,51 +57,34 @@ impl HostBackend {
         unix::connect(&self.port_path(port)).map(|s| (s, true))
     }
 
-    /// Sets how many host clients may be mid-handshake at once.
-    pub fn set_max_pending(&mut self, max: usize) {
-        self.server.set_max_pending(max);
+    /// The server that accepts host clients and reads their handshake lines: poll its fd, run it,
+    /// read its counters.
+    pub fn server(&self) -> &HandshakeServer {
+        &self.server
     }
 
-    /// The fd to poll for readability (see [`HandshakeServer::poll_fd`]).
-    pub fn poll_fd(&self) -> RawFd {
-        self.server.poll_fd()
-    }
-
-    /// Accepts and reads host clients; appends finished handshakes to `out`.
-    pub fn process(&mut self, now: Instant, out: &mut Vec<Incoming<SockStream>>) {
-        self.server.process(now, out)
-    }
-
-    /// When [`HostBackend::process`] must run even without readiness.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.server.next_deadline()
-    }
-
-    /// Handshake counters.
-    pub fn stats(&self) -> HandshakeStats {
-        self.server.stats()
-    }
-
-    /// Clients mid-handshake.
-    pub fn pending(&self) -> usize {
-        self.server.pending()
+    /// The server, to run it ([`HandshakeServer::process`]) or set its limits.
+    pub fn server_mut(&mut self) -> &mut HandshakeServer {
+        &mut self.server
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::unix::test_dir::TempDir;
     use crate::backend::AcceptReply;
-    use crate::router::{Path as RoutePath, RouteInfo};
+    use crate::backend::Incoming;
+    use crate::seam::{Path as RoutePath, RouteInfo};
     use std::io::{ErrorKind, Read, Write};
     use std::os::fd::OwnedFd;
     use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Instant;
+    use tempfile::TempDir;
 
     const T: Duration = Duration::from_millis(200);
 
     fn host(dir: &TempDir) -> HostBackend {
-        HostBackend::bind(&dir.join("v.sock"), T).unwrap()
+        HostBackend::bind(&dir.path().join("v.sock"), T).unwrap()
     }
 
     /// Processes until `out` has `want` entries or `pred` holds, at most 2 s.
@@ -114,8 +95,12 @@ mod tests {
     ) {
         let end = Instant::now() + Duration::from_secs(2);
         while !done(h, out) {
-            assert!(Instant::now() < end, "timed out; stats {:?}", h.stats());
-            h.process(Instant::now(), out);
+            assert!(
+                Instant::now() < end,
+                "timed out; stats {:?}",
+                h.server().stats()
+            );
+            h.server_mut().process(Instant::now(), out);
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -137,7 +122,7 @@ mod tests {
 
     #[test]
     fn connect_line_yields_incoming() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         c.write_all(b"CONNECT 5000\n").unwrap();
@@ -156,8 +141,8 @@ mod tests {
                 to_host: false
             }
         );
-        assert_eq!(h.pending(), 0);
-        assert_eq!(h.next_deadline(), None);
+        assert_eq!(h.server().pending(), 0);
+        assert_eq!(h.server().next_deadline(), None);
         // The stream is the client's connection.
         let mut s = into_unix(inc.stream);
         s.write_all(b"OK 1073741824\n").unwrap();
@@ -168,13 +153,13 @@ mod tests {
 
     #[test]
     fn line_split_over_three_writes() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         let mut out = Vec::new();
         for part in [&b"CONN"[..], b"ECT 12", b"34\n"] {
             c.write_all(part).unwrap();
-            h.process(Instant::now(), &mut out);
+            h.server_mut().process(Instant::now(), &mut out);
             std::thread::sleep(Duration::from_millis(5));
         }
         run_until(&mut h, &mut out, |_, o| o.len() == 1);
@@ -183,7 +168,7 @@ mod tests {
 
     #[test]
     fn data_in_the_same_write_becomes_prefix_and_the_rest_stays_in_the_socket() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
@@ -206,21 +191,21 @@ mod tests {
 
     #[test]
     fn line_without_newline_then_close_is_dropped() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         c.write_all(b"CONNECT 5000").unwrap();
         c.shutdown(std::net::Shutdown::Write).unwrap();
         let mut out = Vec::new();
-        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().rejected == 1);
         assert!(out.is_empty());
-        assert_eq!(h.pending(), 0);
+        assert_eq!(h.server().pending(), 0);
         assert_closed(&mut c);
     }
 
     #[test]
     fn a_mebibyte_without_newline_is_closed_quickly() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         let writer = std::thread::spawn(move || {
@@ -233,55 +218,55 @@ mod tests {
         });
         let start = Instant::now();
         let mut out = Vec::new();
-        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().rejected == 1);
         assert!(start.elapsed() < T, "closed by size, not by timeout");
         let (r, _c) = writer.join().unwrap();
         assert!(r.is_err());
         assert!(out.is_empty());
-        assert_eq!(h.pending(), 0);
+        assert_eq!(h.server().pending(), 0);
     }
 
     #[test]
     fn binary_garbage_is_closed_at_once() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         c.write_all(b"\x16\x03\x01\x02\x00").unwrap();
         let mut out = Vec::new();
         let start = Instant::now();
-        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().rejected == 1);
         assert!(start.elapsed() < T);
         assert_closed(&mut c);
         // A complete but invalid line too.
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         c.write_all(b"CONNECT 99999999999\n").unwrap();
-        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 2);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().rejected == 2);
         assert!(out.is_empty());
         assert_closed(&mut c);
     }
 
     #[test]
     fn idle_client_times_out() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         c.write_all(b"CONNECT 5").unwrap();
         let start = Instant::now();
         let mut out = Vec::new();
-        run_until(&mut h, &mut out, |h, _| h.pending() == 1);
-        let deadline = h.next_deadline().unwrap();
+        run_until(&mut h, &mut out, |h, _| h.server().pending() == 1);
+        let deadline = h.server().next_deadline().unwrap();
         assert!(deadline <= start + T + Duration::from_millis(100));
-        run_until(&mut h, &mut out, |h, _| h.stats().timed_out == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().timed_out == 1);
         assert!(start.elapsed() >= T);
-        assert_eq!(h.pending(), 0);
-        assert_eq!(h.next_deadline(), None);
+        assert_eq!(h.server().pending(), 0);
+        assert_eq!(h.server().next_deadline(), None);
         assert!(out.is_empty());
         assert_closed(&mut c);
     }
 
     #[test]
     fn many_half_open_clients_and_the_pending_limit() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut out = Vec::new();
         let mut clients = Vec::new();
@@ -289,9 +274,9 @@ mod tests {
             let mut c = UnixStream::connect(h.socket_path()).unwrap();
             c.write_all(format!("CONNECT {i}").as_bytes()).unwrap();
             clients.push(c);
-            h.process(Instant::now(), &mut out);
+            h.server_mut().process(Instant::now(), &mut out);
         }
-        run_until(&mut h, &mut out, |h, _| h.pending() == 200);
+        run_until(&mut h, &mut out, |h, _| h.server().pending() == 200);
         // Every one finishes its line.
         for c in &mut clients {
             c.write_all(b"\n").unwrap();
@@ -302,15 +287,15 @@ mod tests {
         assert_eq!(ports, (0..200).collect::<Vec<_>>());
 
         // Beyond the limit the oldest unfinished client makes room for the newcomer.
-        h.set_max_pending(2);
+        h.server_mut().set_max_pending(2);
         out.clear();
         let mut a = UnixStream::connect(h.socket_path()).unwrap();
-        run_until(&mut h, &mut out, |h, _| h.pending() == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().pending() == 1);
         let _b = UnixStream::connect(h.socket_path()).unwrap();
-        run_until(&mut h, &mut out, |h, _| h.pending() == 2);
+        run_until(&mut h, &mut out, |h, _| h.server().pending() == 2);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
-        run_until(&mut h, &mut out, |h, _| h.stats().over_limit == 1);
-        assert_eq!(h.pending(), 2);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().over_limit == 1);
+        assert_eq!(h.server().pending(), 2);
         assert_closed(&mut a);
         // The newcomer is served.
         c.write_all(b"CONNECT 9\n").unwrap();
@@ -320,16 +305,16 @@ mod tests {
 
     #[test]
     fn idle_clients_at_the_limit_do_not_lock_out_a_new_client() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
-        h.set_max_pending(8);
+        h.server_mut().set_max_pending(8);
         let mut out = Vec::new();
         let idle: Vec<UnixStream> = (0..20)
             .map(|_| UnixStream::connect(h.socket_path()).unwrap())
             .collect();
-        run_until(&mut h, &mut out, |h, _| h.stats().accepted == 20);
-        assert_eq!(h.pending(), 8);
-        assert_eq!(h.stats().over_limit, 12);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().accepted == 20);
+        assert_eq!(h.server().pending(), 8);
+        assert_eq!(h.server().stats().over_limit, 12);
         // A client that sends its line at once is served long before the idle ones time out.
         let start = Instant::now();
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
@@ -342,41 +327,41 @@ mod tests {
 
     #[test]
     fn the_oldest_client_is_read_before_it_is_evicted() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
-        h.set_max_pending(1);
+        h.server_mut().set_max_pending(1);
         let mut out = Vec::new();
         let mut a = UnixStream::connect(h.socket_path()).unwrap();
-        run_until(&mut h, &mut out, |h, _| h.pending() == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().pending() == 1);
         // Its line arrives, and a newcomer too, before the server looks again.
         a.write_all(b"CONNECT 5\n").unwrap();
         let _b = UnixStream::connect(h.socket_path()).unwrap();
         run_until(&mut h, &mut out, |h, o| {
-            h.stats().accepted == 2 && !o.is_empty()
+            h.server().stats().accepted == 2 && !o.is_empty()
         });
         assert_eq!(out[0].guest_port, 5);
-        assert_eq!(h.stats().over_limit, 0);
-        assert_eq!(h.pending(), 1);
+        assert_eq!(h.server().stats().over_limit, 0);
+        assert_eq!(h.server().pending(), 1);
     }
 
     #[test]
     fn registry_line_is_refused_on_the_host_socket() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut h = host(&dir);
         let mut c = UnixStream::connect(h.socket_path()).unwrap();
         c.write_all(b"CONNECT 80 FROM 5 1234\n").unwrap();
         let mut out = Vec::new();
-        run_until(&mut h, &mut out, |h, _| h.stats().rejected == 1);
+        run_until(&mut h, &mut out, |h, _| h.server().stats().rejected == 1);
         assert!(out.is_empty());
         assert_closed(&mut c);
     }
 
     #[test]
     fn connect_reaches_port_socket_and_fails_fast_without_one() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let h = host(&dir);
-        assert_eq!(h.port_path(52), dir.join("v.sock_52"));
-        let l = UnixListener::bind(dir.join("v.sock_52")).unwrap();
+        assert_eq!(h.port_path(52), dir.path().join("v.sock_52"));
+        let l = UnixListener::bind(dir.path().join("v.sock_52")).unwrap();
         let (s, connected) = h.connect(52).unwrap();
         assert!(connected);
         let (mut peer, _) = l.accept().unwrap();
@@ -397,14 +382,14 @@ mod tests {
 
     #[test]
     fn bind_refuses_a_live_listener_and_cleans_up() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let h = host(&dir);
-        let e = HostBackend::bind(&dir.join("v.sock"), T).unwrap_err();
+        let e = HostBackend::bind(&dir.path().join("v.sock"), T).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
         drop(h);
-        assert!(!dir.join("v.sock").exists());
+        assert!(!dir.path().join("v.sock").exists());
         // A stale file left by a crashed VMM is replaced.
-        drop(UnixListener::bind(dir.join("v.sock")).unwrap());
+        drop(UnixListener::bind(dir.path().join("v.sock")).unwrap());
         let _h = host(&dir);
     }
 }

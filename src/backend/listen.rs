@@ -12,11 +12,12 @@ use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::backoff::AcceptBackoff;
 use super::stream::SockStream;
 use super::unix::BoundSocket;
 use super::uplink::UplinkSpec;
-use super::{vsock, AcceptReply, Incoming};
-use crate::router::{Path, RouteInfo};
+use super::{vsock, AcceptReply, Framing, Incoming};
+use crate::seam::{Path, RouteInfo};
 
 /// Connections accepted per listener per [`ListenBackend::process`] call at most.
 const ACCEPT_BATCH: usize = 64;
@@ -31,6 +32,16 @@ enum Listener {
 struct PortListener {
     port: u32,
     listener: Listener,
+    backoff: AcceptBackoff,
+}
+
+impl PortListener {
+    fn fd(&self) -> RawFd {
+        match &self.listener {
+            Listener::Unix(b) => b.listener.as_raw_fd(),
+            Listener::Vsock(fd) => fd.as_raw_fd(),
+        }
+    }
 }
 
 /// Listeners for inbound uplink connections, one per guest port.
@@ -69,16 +80,17 @@ impl ListenBackend {
                 }
                 UplinkSpec::Vsock(_) => Listener::Vsock(vsock::listen(port)?),
             };
-            let fd = match &listener {
-                Listener::Unix(b) => b.listener.as_raw_fd(),
-                Listener::Vsock(fd) => fd.as_raw_fd(),
+            let l = PortListener {
+                port,
+                listener,
+                backoff: AcceptBackoff::default(),
             };
             epoll.ctl(
                 ControlOperation::Add,
-                fd,
+                l.fd(),
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
-            listeners.push(PortListener { port, listener });
+            listeners.push(l);
         }
         Ok(ListenBackend {
             epoll,
@@ -98,7 +110,11 @@ impl ListenBackend {
     }
 
     /// Accepts inbound connections and appends them to `out`. Never blocks.
-    pub fn process(&mut self, _now: Instant, out: &mut Vec<Incoming<SockStream>>) {
+    pub fn process(&mut self, now: Instant, out: &mut Vec<Incoming<SockStream>>) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let fd = l.fd();
+            l.backoff.resume_due(&self.epoll, fd, i as u64, now);
+        }
         let n = match self.epoll.wait(0, &mut self.events) {
             Ok(n) => n,
             Err(e) => {
@@ -110,28 +126,38 @@ impl ListenBackend {
         };
         for i in 0..n {
             let idx = self.events[i].data() as usize;
-            if let Some(l) = self.listeners.get(idx) {
-                Self::accept(l, out);
+            if let Some(l) = self.listeners.get_mut(idx) {
+                Self::accept(&self.epoll, l, now, out);
             }
         }
     }
 
-    fn accept(l: &PortListener, out: &mut Vec<Incoming<SockStream>>) {
+    fn accept(
+        epoll: &Epoll,
+        l: &mut PortListener,
+        now: Instant,
+        out: &mut Vec<Incoming<SockStream>>,
+    ) {
         for _ in 0..ACCEPT_BATCH {
             let r = match &l.listener {
                 Listener::Unix(b) => b
                     .listener
                     .accept()
                     .map(|(s, _)| (SockStream::from(s), 2, None)),
-                Listener::Vsock(fd) => {
-                    vsock::accept(fd).map(|(s, cid, port)| (s, u64::from(cid), Some(port)))
-                }
+                Listener::Vsock(fd) => vsock::accept(fd).map(|(s, cid, port)| {
+                    (SockStream::from_nonblocking(s), u64::from(cid), Some(port))
+                }),
             };
             let (stream, src_cid, src_port) = match r {
                 Ok(c) => c,
                 Err(e) => match e.kind() {
                     io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => continue,
                     io::ErrorKind::WouldBlock => return,
+                    _ if AcceptBackoff::is_exhaustion(&e) => {
+                        let (fd, what) = (l.fd(), format!("uplink port {}", l.port));
+                        l.backoff.pause(epoll, fd, &what, &e, now);
+                        return;
+                    }
                     _ => {
                         log::warn!("vsock backend: accept on uplink port {}: {e}", l.port);
                         return;
@@ -145,6 +171,7 @@ impl ListenBackend {
                 src_port,
                 prefix: Vec::new(),
                 reply: AcceptReply::None,
+                framing: Framing::Bytes,
                 route: RouteInfo {
                     path: Path::Uplink,
                     to_host: false,
@@ -153,27 +180,38 @@ impl ListenBackend {
         }
     }
 
-    /// Always `None`: nothing here expires.
+    /// When a listener paused by [`AcceptBackoff`] resumes, if one is paused.
     pub fn next_deadline(&self) -> Option<Instant> {
-        None
+        self.listeners
+            .iter()
+            .filter_map(|l| l.backoff.deadline())
+            .min()
+    }
+
+    /// Each listener's pause count (times `accept()` ran out of file descriptors or memory),
+    /// readable from other threads.
+    pub fn pause_counters(&self) -> Vec<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        self.listeners
+            .iter()
+            .map(|l| l.backoff.pause_counter())
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::unix::test_dir::TempDir;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
     #[test]
     fn unix_stand_in_connections_become_incoming() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let spec = UplinkSpec::Unix(dir.path().to_path_buf());
         let mut l = ListenBackend::new(&spec, &[9000, 9001]).unwrap();
         assert_eq!(l.ports(), vec![9000, 9001]);
-        let mut c = UnixStream::connect(dir.join("listen_9000")).unwrap();
+        let mut c = UnixStream::connect(dir.path().join("listen_9000")).unwrap();
         c.write_all(b"hello").unwrap();
         let mut out = Vec::new();
         let end = Instant::now() + Duration::from_secs(2);
@@ -199,13 +237,13 @@ mod tests {
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"hello");
         drop(l);
-        assert!(!dir.join("listen_9000").exists());
-        assert!(!dir.join("listen_9001").exists());
+        assert!(!dir.path().join("listen_9000").exists());
+        assert!(!dir.path().join("listen_9001").exists());
     }
 
     #[test]
     fn bad_configurations_are_refused() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let spec = UplinkSpec::Unix(dir.path().to_path_buf());
         let e = ListenBackend::new(&spec, &[1, 1]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);

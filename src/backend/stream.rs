@@ -3,7 +3,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use crate::csm::stream::VsockStream;
+use crate::stream::VsockStream;
 
 /// A non-blocking stream socket owned by a connection: a Unix socket to a host service or a
 /// sibling VMM, or an AF_VSOCK socket on the uplink.
@@ -59,16 +59,14 @@ impl VsockStream for SockStream {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::iovec::IoVecs;
+    use crate::vq::iovec::IoVecs;
     use std::io::{Read, Write};
 
     #[test]
     fn unix_stream_becomes_non_blocking_and_moves_bytes() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut s = SockStream::from(a);
-        // SAFETY: F_GETFL on an fd we own.
-        let flags = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_GETFL) };
-        assert!(flags & libc::O_NONBLOCK != 0);
+        assert!(crate::sys::is_nonblocking(s.as_raw_fd()).unwrap());
 
         let mut buf = [0u8; 8];
         let mut iov = IoVecs::new();

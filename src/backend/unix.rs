@@ -3,38 +3,13 @@
 
 use std::fs;
 use std::io;
-use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use super::stream::SockStream;
-
-/// Builds a `sockaddr_un` for a filesystem path.
-fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: an all-zero sockaddr_un is a valid (empty) address.
-    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "Unix socket path {} must be 1 to {} bytes without NUL (it has {})",
-                path.display(),
-                addr.sun_path.len() - 1,
-                bytes.len()
-            ),
-        ));
-    }
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    let len = mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
-}
+use crate::sys;
 
 /// Starts a non-blocking connect to the Unix stream socket at `path`.
 ///
@@ -43,37 +18,9 @@ fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
 /// listener's backlog is full. `EAGAIN` is an error and not "in progress": the socket is *not*
 /// connecting, and waiting for writability would report success on an unconnected socket.
 pub(crate) fn connect(path: &Path) -> io::Result<SockStream> {
-    let (addr, len) = sockaddr_un(path)?;
-    // SAFETY: plain syscall; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    loop {
-        // SAFETY: `addr` is a valid sockaddr_un of `len` bytes, alive for the call.
-        let r = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_un).cast(),
-                len,
-            )
-        };
-        if r == 0 {
-            return Ok(SockStream::from_nonblocking(fd));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    let fd = sys::stream_socket(libc::AF_UNIX)?;
+    sys::connect_unix(fd.as_raw_fd(), path)?;
+    Ok(SockStream::from_nonblocking(fd))
 }
 
 /// The identity of a file, so we only ever unlink the socket file we created.
@@ -167,56 +114,19 @@ impl Drop for BoundSocket {
 }
 
 #[cfg(test)]
-pub(crate) mod test_dir {
-    //! A temporary directory for socket tests, removed on drop.
-
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A fresh directory under the system temp dir (short, so socket paths fit `sun_path`).
-    pub(crate) struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new() -> TempDir {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let p = PathBuf::from(format!("/tmp/vsr-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir(&p).expect("create temp dir");
-            TempDir(p)
-        }
-
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-
-        pub(crate) fn join(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::test_dir::TempDir;
     use super::*;
 
     #[test]
     fn bind_refuses_live_replaces_stale_keeps_regular_files() {
-        let dir = TempDir::new();
-        let p = dir.join("s");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
         let a = BoundSocket::bind(&p).unwrap();
         let e = BoundSocket::bind(&p).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert!(e.to_string().contains("live listener"), "{e}");
         // A listener that goes away without unlinking leaves a stale file.
-        let stale = dir.join("stale");
+        let stale = dir.path().join("stale");
         drop(UnixListener::bind(&stale).unwrap());
         assert!(stale.exists());
         let b = BoundSocket::bind(&stale).unwrap();
@@ -224,7 +134,7 @@ mod tests {
         drop(b);
         assert!(!stale.exists());
         // A regular file is never deleted.
-        let f = dir.join("file");
+        let f = dir.path().join("file");
         fs::write(&f, b"x").unwrap();
         assert_eq!(
             BoundSocket::bind(&f).unwrap_err().kind(),
@@ -237,8 +147,8 @@ mod tests {
 
     #[test]
     fn drop_leaves_a_replaced_file_alone() {
-        let dir = TempDir::new();
-        let p = dir.join("s");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
         let a = BoundSocket::bind(&p).unwrap();
         fs::remove_file(&p).unwrap();
         fs::write(&p, b"someone else's").unwrap();
@@ -248,10 +158,10 @@ mod tests {
 
     #[test]
     fn connect_fails_fast_without_listener_and_rejects_long_paths() {
-        let dir = TempDir::new();
-        let e = connect(&dir.join("nobody")).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let e = connect(&dir.path().join("nobody")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let long = dir.join(&"x".repeat(200));
+        let long = dir.path().join("x".repeat(200));
         assert_eq!(
             connect(&long).unwrap_err().kind(),
             io::ErrorKind::InvalidInput

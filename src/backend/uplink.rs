@@ -7,10 +7,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::stream::SockStream;
 use super::unix;
 use super::vsock::{self, VMADDR_FLAG_TO_HOST};
+use crate::wire::Cid;
 
 /// The default vsock device of the parent machine.
 pub const DEV_VSOCK: &str = "/dev/vsock";
@@ -31,20 +34,12 @@ pub enum UplinkSpec {
 }
 
 /// A bad uplink specification.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UplinkSpecError(String);
-
-impl fmt::Display for UplinkSpecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid uplink {:?}: expected none, vsock, /dev/vsock, vsock:PATH or unix:DIR",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for UplinkSpecError {}
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid uplink {0:?}: expected none, vsock, /dev/vsock, vsock:PATH or unix:DIR")]
+pub struct UplinkSpecError(
+    /// The text as given.
+    pub String,
+);
 
 impl FromStr for UplinkSpec {
     type Err = UplinkSpecError;
@@ -81,7 +76,7 @@ impl fmt::Display for UplinkSpec {
 #[derive(Debug)]
 pub struct Uplink {
     spec: UplinkSpec,
-    attempts: AtomicU64,
+    attempts: Arc<AtomicU64>,
 }
 
 impl Uplink {
@@ -89,7 +84,7 @@ impl Uplink {
     pub fn new(spec: UplinkSpec) -> Self {
         Uplink {
             spec,
-            attempts: AtomicU64::new(0),
+            attempts: Arc::default(),
         }
     }
 
@@ -108,11 +103,22 @@ impl Uplink {
         self.attempts.load(Ordering::Relaxed)
     }
 
-    /// Starts a non-blocking connect to `cid:port` on the parent side. `connected` is `false`
-    /// while an AF_VSOCK connect is in progress. Errors: `NotConnected` without an uplink,
-    /// `InvalidInput` for a CID above `u32::MAX`, `PermissionDenied` when AF_VSOCK is forbidden
+    /// The attempt count, readable from other threads.
+    pub fn attempt_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.attempts)
+    }
+
+    /// Starts a non-blocking connect to `cid:port` on the parent side, which the parent's
+    /// kernel gives `timeout` (its own default would be 2 s). `connected` is `false` while an
+    /// AF_VSOCK connect is in progress. Errors: `NotConnected` without an uplink, `InvalidInput`
+    /// for a CID above `u32::MAX`, `PermissionDenied` when AF_VSOCK is forbidden
     /// ([`vsock::FORBID_ENV`]), or the connect's own error.
-    pub fn connect(&self, cid: u64, port: u32) -> io::Result<(SockStream, bool)> {
+    pub fn connect(
+        &self,
+        cid: u64,
+        port: u32,
+        timeout: Duration,
+    ) -> io::Result<(SockStream, bool)> {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         match &self.spec {
             UplinkSpec::None => Err(io::Error::new(
@@ -123,13 +129,14 @@ impl Uplink {
                 unix::connect(&dir.join(format!("{cid}_{port}"))).map(|s| (s, true))
             }
             UplinkSpec::Vsock(_) => {
-                let cid = u32::try_from(cid).map_err(|_| {
+                let cid = Cid(cid).to_u32().ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!("CID {cid} does not fit AF_VSOCK's 32 bits"),
                     )
                 })?;
-                vsock::connect(cid, port, VMADDR_FLAG_TO_HOST)
+                vsock::connect(cid, port, VMADDR_FLAG_TO_HOST, timeout)
+                    .map(|(fd, done)| (SockStream::from_nonblocking(fd), done))
             }
         }
     }
@@ -148,8 +155,9 @@ impl Uplink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::unix::test_dir::TempDir;
     use std::os::unix::net::UnixListener;
+
+    const T: Duration = Duration::from_secs(2);
 
     #[test]
     fn specs_parse_and_display() {
@@ -190,15 +198,15 @@ mod tests {
 
     #[test]
     fn unix_stand_in_connects_and_counts() {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let up = Uplink::new(UplinkSpec::Unix(dir.path().to_path_buf()));
         assert_eq!(up.attempts(), 0);
-        let l = UnixListener::bind(dir.join("77_5000")).unwrap();
-        let (_s, connected) = up.connect(77, 5000).unwrap();
+        let l = UnixListener::bind(dir.path().join("77_5000")).unwrap();
+        let (_s, connected) = up.connect(77, 5000, T).unwrap();
         assert!(connected);
         assert!(l.accept().is_ok());
         assert_eq!(up.attempts(), 1);
-        assert!(up.connect(77, 5001).is_err());
+        assert!(up.connect(77, 5001, T).is_err());
         assert_eq!(up.attempts(), 2);
         assert_eq!(up.parent_cid().unwrap(), None);
     }
@@ -207,7 +215,7 @@ mod tests {
     fn no_uplink_refuses() {
         let up = Uplink::new(UplinkSpec::None);
         assert!(!up.is_some());
-        let e = up.connect(3, 1).unwrap_err();
+        let e = up.connect(3, 1, T).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotConnected);
         assert_eq!(up.attempts(), 1);
     }
@@ -216,7 +224,7 @@ mod tests {
     fn vsock_uplink_fails_loudly_under_the_guard() {
         std::env::set_var(vsock::FORBID_ENV, "1");
         let up = Uplink::new("/dev/vsock".parse().unwrap());
-        let e = up.connect(2, 1234).unwrap_err();
+        let e = up.connect(2, 1234, T).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert!(e.to_string().contains(vsock::FORBID_ENV), "{e}");
         assert!(up.parent_cid().is_err());

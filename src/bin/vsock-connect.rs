@@ -4,7 +4,7 @@
 //! can also run inside a guest.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use vsock_router::backend::registry;
 use vsock_router::backend::uplink::{Uplink, UplinkSpec};
-use vsock_router::config::{parse_switch, ConfigError};
+use vsock_router::config::parse_switch;
 use vsock_router::router::{decide, Decision, RefuseReason, RouteCtx};
+use vsock_router::sys;
+use vsock_router::wire::line::parse_ok_line;
 
 const USAGE: &str = "usage: vsock-connect [--registry DIR] [--uplink none|/dev/vsock|unix:DIR] \
 [--fallback 0|1] CID PORT
@@ -53,7 +55,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--fallback" => {
                 let v = value("--fallback")?;
-                fallback = parse_switch("fallback", &v).map_err(|e: ConfigError| e.to_string())?
+                fallback = parse_switch(&v).map_err(|why| format!("--fallback `{v}`: {why}"))?
             }
             _ if a.starts_with('-') => return Err(format!("unknown option `{a}`")),
             _ => pos.push(a),
@@ -85,61 +87,43 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// Waits (bounded) for a non-blocking connect to complete, then makes the socket blocking.
+/// How long a connect (through the uplink, or a sibling's answer) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn finish_connect(fd: &OwnedFd, connected: bool) -> io::Result<()> {
     if !connected {
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        if n == 0 {
+        let ms = CONNECT_TIMEOUT.as_millis() as i32;
+        if sys::poll_one(fd.as_raw_fd(), libc::POLLOUT, ms)? == 0 {
             return Err(io::Error::from(io::ErrorKind::TimedOut));
         }
-        let mut err: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `err` and `len` are valid for writes of their sizes.
-        unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut err as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if err != 0 {
-            return Err(io::Error::from_raw_os_error(err));
+        if let Some(e) = sys::take_error(fd.as_raw_fd())? {
+            return Err(e);
         }
     }
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-    }
-    Ok(())
+    sys::set_nonblocking(fd.as_raw_fd(), false)
 }
 
 /// Reads the sibling's `OK <port>\n`, one byte at a time so no payload byte is consumed.
 fn read_ok(s: &mut UnixStream) -> io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while line.len() < 32 && Instant::now() < deadline {
         if s.read(&mut b)? == 0 {
             break;
         }
+        line.push(b[0]);
         if b[0] == b'\n' {
             s.set_read_timeout(None)?;
-            return if line.starts_with(b"OK ") {
-                Ok(())
-            } else {
-                Err(io::Error::other("the sibling answered garbage"))
+            return match parse_ok_line(&line) {
+                Some(_) => Ok(()),
+                None => Err(io::Error::other(format!(
+                    "the sibling answered {:?}, not OK <port>",
+                    String::from_utf8_lossy(&line)
+                ))),
             };
         }
-        line.push(b[0]);
     }
     Err(io::Error::new(
         io::ErrorKind::ConnectionRefused,
@@ -194,8 +178,7 @@ fn run(a: Args) -> Result<(), String> {
                 .map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, true).map_err(|e| e.to_string())?;
-            // SAFETY: `fd` is a connected Unix stream socket we own.
-            let mut s = unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) };
+            let mut s = UnixStream::from(fd);
             read_ok(&mut s).map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
             s
         }
@@ -209,14 +192,14 @@ fn run(a: Args) -> Result<(), String> {
             }
             let up = Uplink::new(a.uplink.clone());
             let (s, connected) = up
-                .connect(a.cid, a.port)
+                .connect(a.cid, a.port, CONNECT_TIMEOUT)
                 .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, connected)
                 .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
-            // SAFETY: a connected stream socket we own; UnixStream only uses read/write/shutdown,
-            // which work on any stream socket (AF_VSOCK included).
-            unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) }
+            // UnixStream only uses read/write/shutdown, which work on any stream socket
+            // (AF_VSOCK included).
+            UnixStream::from(fd)
         }
     };
     relay(stream).map_err(|e| e.to_string())

@@ -1,31 +1,47 @@
-//! The connection table: dispatches guest packets to connections, opens new ones through the
-//! backend, and decides which connection fills the next RX buffer.
+//! The connections of one device: dispatches guest packets to connections, opens new ones
+//! through the backend, and decides which connection fills the next RX buffer.
 //!
-//! Every change to a connection ends in [`Muxer::after_change`], the one place that removes a
-//! finished connection, syncs its epoll interest, queues it for RX and arms its timer.
+//! The pieces live beside it: the slab with typed ids ([`super::table`]), the RX schedule with
+//! its bounded RST queue ([`super::rxq`]), the deadlines ([`super::timers`]) and the device-side
+//! ports ([`super::ports`]). Every change to a connection ends in `Muxer::after_change`, the
+//! one place that removes a finished connection, updates what its stream is watched for,
+//! queues it for RX and arms its timer. Watching goes through the [`Watch`] the caller passes
+//! (the device's epoll set), synchronously: fd numbers are reused as soon as a connection
+//! closes, so a deferred epoll change could land on another connection's socket.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::connection::{Addr, Connection, CsmConfig, Interest, KillReason};
-use crate::backend::{AcceptReply, Backend, ConnectRequest, Incoming, Refusal};
-use crate::device::chain::Chain;
-use crate::device::packet::{op, sock_type, Header, HEADER_LEN};
-use crate::device::poller::{Poller, Ready, Token};
-use crate::device::virtio::GuestMemory;
-use crate::router::{Path, RouteInfo};
-use crate::stats::Counters;
+use super::conn::Conn;
+use super::connection::{Addr, Connection, CsmConfig, Interest, KillReason, Notify, State};
+use super::ports::Ports;
+use super::relay::Relay;
+use super::rxq::RxQueue;
+use super::table::{ConnId, Key, Table};
+use super::timers::Timers;
+use crate::seam::{
+    AcceptReply, Backend, ConnectRequest, Framing, Incoming, Path, Refusal, RouteInfo,
+};
+use crate::stats::{Counters, RstReason, RstState};
+use crate::stream::Readiness;
+use crate::vq::{Chain, GuestMemory};
+use crate::wire::line::ok_line;
+use crate::wire::{op, sock_type, Header, HEADER_LEN};
 
-/// Most RSTs for unknown connections waiting for an RX buffer; more are dropped and counted.
-pub const RST_QUEUE_CAP: usize = 256;
+/// Most host-initiated connections held back until an older connection with the same
+/// addresses is gone (see [`Muxer::handle_backend`]); more are refused.
+pub const PARKED_CAP: usize = 64;
 
-/// First device-side port for host-initiated connections (as Firecracker and Cloud Hypervisor).
-pub const EPHEMERAL_FIRST: u32 = 1 << 30;
-const EPHEMERAL_END: u32 = 1 << 31;
+/// What watches the connections' host streams for readiness: the device's epoll set. The
+/// connection table tells it every change of what a stream wants, as it happens.
+pub trait Watch {
+    /// `fd` of connection `id` wants `new` instead of `old` (`None`: not watched; a `new` that
+    /// [`Interest::is_none`] means "stop watching"). An error kills the connection.
+    fn watch(&self, fd: RawFd, id: ConnId, old: Option<Interest>, new: Interest) -> io::Result<()>;
+}
 
 /// A live connection as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,21 +68,24 @@ pub struct ConnInfo {
     pub bytes_to_guest: u64,
 }
 
-type Key = (u64, u32, u32);
-
-struct Entry<S> {
-    conn: Connection<S>,
-    route: RouteInfo,
-    guest_initiated: bool,
-    ephemeral: bool,
-    registered: Option<Interest>,
-    in_rxq: bool,
-    armed: Option<Instant>,
+/// Who opened a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// The guest (a REQUEST on the TX queue).
+    Guest,
+    /// The host side; `ephemeral` when the device picked the port (given back at the end).
+    Host { ephemeral: bool },
 }
 
-struct Slot<S> {
-    gen: u32,
-    entry: Option<Entry<S>>,
+struct Entry<S> {
+    conn: Conn<S>,
+    route: RouteInfo,
+    origin: Origin,
+    watched: Option<Interest>,
+    in_rxq: bool,
+    armed: Option<Instant>,
+    /// When the connection was opened (for its log line).
+    opened: Instant,
 }
 
 /// The connections of one device.
@@ -74,16 +93,14 @@ pub struct Muxer<B: Backend> {
     guest_cid: u64,
     cfg: CsmConfig,
     max_conns: usize,
-    slots: Vec<Slot<B::Stream>>,
-    free: Vec<u32>,
-    live: usize,
-    index: HashMap<Key, u32>,
-    rxq: VecDeque<(u32, u32)>,
-    rsts: VecDeque<Header>,
-    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
-    ports_in_use: HashSet<u32>,
-    next_port: u32,
+    table: Table<Entry<B::Stream>>,
+    rxq: RxQueue,
+    timers: Timers,
+    ports: Ports,
     incoming: Vec<Incoming<B::Stream>>,
+    /// Host-initiated connections waiting for an older connection with their addresses (whose
+    /// peer is hanging up) to be removed, with the time they give up.
+    parked: Vec<(Addr, Incoming<B::Stream>, Instant)>,
     backend: B,
     counters: Arc<Counters>,
 }
@@ -101,16 +118,12 @@ impl<B: Backend> Muxer<B> {
             guest_cid,
             cfg,
             max_conns,
-            slots: Vec::new(),
-            free: Vec::new(),
-            live: 0,
-            index: HashMap::new(),
-            rxq: VecDeque::new(),
-            rsts: VecDeque::with_capacity(RST_QUEUE_CAP),
-            timers: BinaryHeap::new(),
-            ports_in_use: HashSet::new(),
-            next_port: EPHEMERAL_FIRST,
+            table: Table::default(),
+            rxq: RxQueue::default(),
+            timers: Timers::default(),
+            ports: Ports::default(),
             incoming: Vec::new(),
+            parked: Vec::new(),
             backend,
             counters,
         }
@@ -128,27 +141,27 @@ impl<B: Backend> Muxer<B> {
 
     /// Number of live connections.
     pub fn len(&self) -> usize {
-        self.live
+        self.table.len()
     }
 
     /// Whether there are no connections.
     pub fn is_empty(&self) -> bool {
-        self.live == 0
+        self.table.is_empty()
     }
 
-    fn queue_rst(&mut self, h: Header) {
-        if self.rsts.len() >= RST_QUEUE_CAP {
+    fn queue_rst(&mut self, h: Header, reason: RstReason) {
+        if self.rxq.push_rst(h) {
+            self.counters.rst_sent(reason);
+        } else {
             Counters::inc(&self.counters.rst_dropped);
-            return;
         }
-        self.rsts.push_back(h);
     }
 
     /// Handles one TX packet whose header was copied out and whose `len` was checked against
     /// the chain.
     pub fn handle_tx(
         &mut self,
-        poller: &Poller,
+        w: &impl Watch,
         mem: &GuestMemory,
         chain: &Chain,
         h: &Header,
@@ -162,36 +175,49 @@ impl<B: Backend> Muxer<B> {
         if h.type_ != sock_type::STREAM {
             Counters::inc(&self.counters.bad_type);
             if h.op != op::RST {
-                self.queue_rst(h.rst_reply());
+                self.queue_rst(h.rst_reply(), RstReason::Invalid);
             }
             return;
         }
-        let key = (h.dst_cid, h.dst_port, h.src_port);
-        if let Some(&slot) = self.index.get(&key) {
-            if let Some(e) = self.slots[slot as usize].entry.as_mut() {
+        let key = Key {
+            cid: h.dst_cid,
+            port: h.dst_port,
+            guest_port: h.src_port,
+        };
+        let found = self.table.find(&key);
+        if h.op == op::RST {
+            let state = match found.and_then(|id| self.table.get(id)) {
+                None => RstState::Unknown,
+                Some(e) if e.conn.state() == State::LocalInit => RstState::Handshake,
+                Some(_) => RstState::Open,
+            };
+            self.counters.rst_received(state);
+        }
+        if let Some(id) = found {
+            if let Some(e) = self.table.get_mut(id) {
                 e.conn.on_packet(h, mem, chain, now);
             }
-            self.after_change(poller, slot);
+            self.after_change(w, id, now);
             return;
         }
         match h.op {
-            op::REQUEST => self.open_guest_conn(poller, h, now),
+            op::REQUEST => self.open_guest_conn(w, h, now),
             op::RST => {}
             op::RESPONSE | op::SHUTDOWN | op::RW | op::CREDIT_UPDATE | op::CREDIT_REQUEST => {
                 Counters::inc(&self.counters.unknown_conn);
-                self.queue_rst(h.rst_reply());
+                self.queue_rst(h.rst_reply(), RstReason::UnknownConn);
             }
             _ => {
                 Counters::inc(&self.counters.bad_op);
-                self.queue_rst(h.rst_reply());
+                self.queue_rst(h.rst_reply(), RstReason::Invalid);
             }
         }
     }
 
-    fn open_guest_conn(&mut self, poller: &Poller, h: &Header, now: Instant) {
-        if self.live >= self.max_conns {
+    fn open_guest_conn(&mut self, w: &impl Watch, h: &Header, now: Instant) {
+        if self.table.len() >= self.max_conns {
             Counters::inc(&self.counters.conn_limit);
-            self.queue_rst(h.rst_reply());
+            self.queue_rst(h.rst_reply(), RstReason::ConnLimit);
             return;
         }
         let req = ConnectRequest {
@@ -208,88 +234,99 @@ impl<B: Backend> Muxer<B> {
                     Path::Uplink => &self.counters.path_uplink,
                 };
                 Counters::inc(c);
-                let conn = Connection::guest_initiated(
-                    out.stream,
-                    h,
-                    out.connected,
-                    out.await_ok,
-                    self.cfg,
-                    now,
+                log::debug!(
+                    "vsock: guest {}:{} -> {}:{} routed to {}{}",
+                    h.src_cid,
+                    h.src_port,
+                    h.dst_cid,
+                    h.dst_port,
+                    out.route.path.name(),
+                    if out.route.to_host {
+                        " (g2h fallback)"
+                    } else {
+                        ""
+                    }
                 );
-                self.insert(poller, conn, out.route, true, false);
+                let conn = match out.framing {
+                    Framing::Bytes => Conn::Stream(Connection::guest_initiated(
+                        out.stream,
+                        h,
+                        out.connected,
+                        self.cfg,
+                        now,
+                    )),
+                    Framing::Packets => Conn::Relay(Relay::requested(out.stream, h, self.cfg, now)),
+                };
+                self.insert(w, conn, out.route, Origin::Guest, now);
             }
             Err(Refusal::NoRoute) => {
+                log::debug!(
+                    "vsock: guest {}:{} -> {}:{} refused: no route (strict mode or no uplink)",
+                    h.src_cid,
+                    h.src_port,
+                    h.dst_cid,
+                    h.dst_port
+                );
                 Counters::inc(&self.counters.path_refused);
-                self.queue_rst(h.rst_reply());
+                self.queue_rst(h.rst_reply(), RstReason::Refused);
             }
             Err(Refusal::ConnectFailed) => {
+                log::info!(
+                    "vsock: guest {}:{} -> {}:{} refused: the host-side connect failed",
+                    h.src_cid,
+                    h.src_port,
+                    h.dst_cid,
+                    h.dst_port
+                );
                 Counters::inc(&self.counters.connect_failed);
-                self.queue_rst(h.rst_reply());
+                self.queue_rst(h.rst_reply(), RstReason::ConnectFailed);
             }
         }
     }
 
     fn insert(
         &mut self,
-        poller: &Poller,
-        conn: Connection<B::Stream>,
+        w: &impl Watch,
+        conn: Conn<B::Stream>,
         route: RouteInfo,
-        guest_initiated: bool,
-        ephemeral: bool,
+        origin: Origin,
+        now: Instant,
     ) {
-        let a = conn.addr();
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.slots.push(Slot {
-                    gen: 0,
-                    entry: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.slots[slot as usize].entry = Some(Entry {
-            conn,
-            route,
-            guest_initiated,
-            ephemeral,
-            registered: None,
-            in_rxq: false,
-            armed: None,
-        });
-        self.index
-            .insert((a.local_cid, a.local_port, a.peer_port), slot);
-        self.live += 1;
-        self.after_change(poller, slot);
-    }
-
-    fn alloc_port(&mut self) -> Option<u32> {
-        for _ in 0..1024 {
-            let p = self.next_port;
-            self.next_port = if p + 1 >= EPHEMERAL_END {
-                EPHEMERAL_FIRST
-            } else {
-                p + 1
-            };
-            if self.ports_in_use.insert(p) {
-                return Some(p);
-            }
-        }
-        None
+        let key = Key::of(&conn.addr());
+        let id = self.table.insert(
+            key,
+            Entry {
+                conn,
+                route,
+                origin,
+                watched: None,
+                in_rxq: false,
+                armed: None,
+                opened: now,
+            },
+        );
+        self.after_change(w, id, now);
     }
 
     /// Runs the backend and offers the guest every connection it has ready.
-    pub fn handle_backend(&mut self, poller: &Poller, now: Instant) {
+    ///
+    /// A newcomer whose addresses are those of a live connection is normally refused. But when
+    /// that connection's peer is hanging up, the newcomer is the peer connecting again from the
+    /// same port right after its close (the kernel frees a port as soon as the close is
+    /// answered), and the old connection's close — which travels on its own socket — has not
+    /// been read yet: the newcomer waits (bounded) until the old connection is gone, so the
+    /// guest sees the close before the new REQUEST, as on one kernel.
+    pub fn handle_backend(&mut self, w: &impl Watch, now: Instant) {
         let mut incoming = std::mem::take(&mut self.incoming);
         self.backend.process(now, &mut incoming);
         for inc in incoming.drain(..) {
-            if self.live >= self.max_conns {
+            if self.table.len() >= self.max_conns {
                 Counters::inc(&self.counters.conn_limit);
                 continue;
             }
             let (port, ephemeral) = match inc.src_port {
                 Some(p) => (p, false),
-                None => match self.alloc_port() {
+                None => match self.ports.alloc() {
                     Some(p) => (p, true),
                     None => {
                         Counters::inc(&self.counters.conn_limit);
@@ -303,97 +340,123 @@ impl<B: Backend> Muxer<B> {
                 peer_cid: self.guest_cid,
                 peer_port: inc.guest_port,
             };
-            if self
-                .index
-                .contains_key(&(addr.local_cid, addr.local_port, addr.peer_port))
-            {
-                Counters::inc(&self.counters.protocol_error);
+            if let Some(id) = self.table.find(&Key::of(&addr)) {
+                let hanging_up = self.table.get(id).is_some_and(|e| e.conn.peer_hanging_up());
+                if hanging_up && self.parked.len() < PARKED_CAP {
+                    self.parked
+                        .push((addr, inc, now + self.cfg.request_timeout));
+                } else {
+                    Counters::inc(&self.counters.protocol_error);
+                }
                 if ephemeral {
-                    self.ports_in_use.remove(&port);
+                    self.ports.free(port);
                 }
                 continue;
             }
-            let reply = match inc.reply {
-                AcceptReply::None => None,
-                AcceptReply::HybridOk => Some(format!("OK {port}\n").into_bytes()),
-            };
-            Counters::inc(&self.counters.incoming);
-            let conn =
-                Connection::host_initiated(inc.stream, addr, inc.prefix, reply, self.cfg, now);
-            self.insert(poller, conn, inc.route, false, ephemeral);
+            self.admit(w, addr, inc, ephemeral, now);
         }
         self.incoming = incoming;
-    }
-
-    /// Handles readiness of a connection's host stream.
-    pub fn handle_conn_event(&mut self, poller: &Poller, ready: Ready, now: Instant) {
-        let Token::Conn { slot, gen } = ready.token else {
-            return;
-        };
-        let Some(s) = self.slots.get_mut(slot as usize) else {
-            return;
-        };
-        if s.gen & 0x7fff_ffff != gen {
-            return;
-        }
-        if let Some(e) = s.entry.as_mut() {
-            e.conn.on_stream_ready(ready, now);
-            self.after_change(poller, slot);
+        let before = self.parked.len();
+        self.parked.retain(|(_, _, until)| *until > now);
+        for _ in self.parked.len()..before {
+            Counters::inc(&self.counters.timeouts);
         }
     }
 
-    /// The earliest deadline of any connection or of the backend.
-    pub fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(Reverse((t, slot, gen))) = self.timers.peek().copied() {
-            let live = self.slots.get(slot as usize).is_some_and(|s| {
-                s.gen == gen && s.entry.as_ref().is_some_and(|e| e.armed == Some(t))
-            });
-            if live {
-                break;
+    /// Offers the guest the host-initiated connection `inc` at `addr`.
+    fn admit(
+        &mut self,
+        w: &impl Watch,
+        addr: Addr,
+        inc: Incoming<B::Stream>,
+        ephemeral: bool,
+        now: Instant,
+    ) {
+        Counters::inc(&self.counters.incoming);
+        let conn = match inc.framing {
+            Framing::Bytes => {
+                let reply = match inc.reply {
+                    AcceptReply::None => None,
+                    AcceptReply::HybridOk => Some(ok_line(addr.local_port).into_bytes()),
+                };
+                Conn::Stream(Connection::host_initiated(
+                    inc.stream, addr, inc.prefix, reply, self.cfg, now,
+                ))
             }
-            self.timers.pop();
+            Framing::Packets => {
+                Conn::Relay(Relay::offered(inc.stream, addr, inc.prefix, self.cfg, now))
+            }
+        };
+        self.insert(w, conn, inc.route, Origin::Host { ephemeral }, now);
+    }
+
+    /// Admits the parked newcomer waiting for `addr`, now that its predecessor is gone.
+    fn unpark(&mut self, w: &impl Watch, addr: Addr, now: Instant) {
+        let Some(i) = self.parked.iter().position(|(a, _, _)| *a == addr) else {
+            return;
+        };
+        let (addr, inc, _) = self.parked.remove(i);
+        if self.table.len() >= self.max_conns {
+            Counters::inc(&self.counters.conn_limit);
+            return;
         }
-        let conn = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        match (conn, self.backend.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        self.admit(w, addr, inc, false, now);
+    }
+
+    /// Handles readiness of connection `id`'s host stream (a stale id is ignored).
+    pub fn handle_ready(&mut self, w: &impl Watch, id: ConnId, ready: Readiness, now: Instant) {
+        if let Some(e) = self.table.get_mut(id) {
+            e.conn.on_ready(ready, now);
+            self.after_change(w, id, now);
         }
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The earliest deadline of any connection, parked newcomer or of the backend.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        let table = &self.table;
+        let conn = self
+            .timers
+            .next(|id, t| table.get(id).is_some_and(|e| e.armed == Some(t)));
+        let parked = self.parked.iter().map(|(_, _, until)| *until).min();
+        [conn, self.backend.next_deadline(), parked]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Fires every deadline that passed.
-    pub fn handle_deadlines(&mut self, poller: &Poller, now: Instant) {
-        if self.backend.next_deadline().is_some_and(|d| d <= now) {
-            self.handle_backend(poller, now);
+    pub fn handle_deadlines(&mut self, w: &impl Watch, now: Instant) {
+        let parked_expired = self.parked.iter().any(|(_, _, until)| *until <= now);
+        if parked_expired || self.backend.next_deadline().is_some_and(|d| d <= now) {
+            self.handle_backend(w, now);
         }
-        while let Some(Reverse((t, slot, gen))) = self.timers.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
-            let s = &mut self.slots[slot as usize];
-            if s.gen != gen {
+        while let Some((t, id)) = self.timers.pop_due(now) {
+            let Some(e) = self.table.get_mut(id) else {
                 continue;
-            }
-            if let Some(e) = s.entry.as_mut() {
-                if e.armed == Some(t) {
-                    e.armed = None;
-                    e.conn.on_deadline(now);
-                    self.after_change(poller, slot);
-                }
+            };
+            if e.armed == Some(t) {
+                e.armed = None;
+                e.conn.on_deadline(now);
+                self.after_change(w, id, now);
             }
         }
     }
 
     /// Whether any connection (or an RST for an unknown one) waits for an RX buffer.
     pub fn has_rx_work(&self) -> bool {
-        !self.rsts.is_empty() || !self.rxq.is_empty()
+        !self.rxq.is_empty()
     }
 
     /// Fills the RX buffer `chain` with the next packet owed to the guest, serving connections
     /// round robin. Returns the used length, or `None` when nothing was written.
     pub fn fill_rx(
         &mut self,
-        poller: &Poller,
+        w: &impl Watch,
         mem: &GuestMemory,
         chain: &Chain,
         now: Instant,
@@ -401,24 +464,21 @@ impl<B: Backend> Muxer<B> {
         if chain.len() < HEADER_LEN as u64 {
             return None;
         }
-        if let Some(h) = self.rsts.pop_front() {
+        if let Some(h) = self.rxq.pop_rst() {
+            // Counted by reason when queued (`queue_rst`).
             chain.write_at(mem, 0, &h.encode());
             return Some(HEADER_LEN as u32);
         }
-        for _ in 0..self.rxq.len() {
-            let Some((slot, gen)) = self.rxq.pop_front() else {
+        for _ in 0..self.rxq.turns() {
+            let Some(id) = self.rxq.pop() else {
                 break;
             };
-            let s = &mut self.slots[slot as usize];
-            if s.gen != gen {
-                continue;
-            }
-            let Some(e) = s.entry.as_mut() else {
+            let Some(e) = self.table.get_mut(id) else {
                 continue;
             };
             e.in_rxq = false;
             let written = e.conn.fill_rx(mem, chain, now);
-            self.after_change(poller, slot);
+            self.after_change(w, id, now);
             if written.is_some() {
                 return written;
             }
@@ -427,78 +487,93 @@ impl<B: Backend> Muxer<B> {
     }
 
     /// The one place that acts on a connection's new state.
-    fn after_change(&mut self, poller: &Poller, slot: u32) {
-        let s = &mut self.slots[slot as usize];
-        let gen = s.gen;
-        let Some(e) = s.entry.as_mut() else {
+    fn after_change(&mut self, w: &impl Watch, id: ConnId, now: Instant) {
+        let Some(e) = self.table.get_mut(id) else {
             return;
         };
-        let fd = e.conn.stream().as_raw_fd();
+        let stalls = e.conn.take_credit_stalls();
+        if stalls > 0 {
+            self.counters
+                .credit_stalls
+                .fetch_add(stalls, Ordering::Relaxed);
+        }
         if e.conn.is_done() {
-            if e.registered.is_some() {
-                let _ = poller.remove(fd);
-            }
-            let e = s.entry.take().expect("entry present");
-            s.gen = s.gen.wrapping_add(1) & 0x7fff_ffff;
+            // Closing the stream (dropping the entry) takes it out of the epoll set.
+            let e = self.table.remove(id).expect("entry present");
             let a = e.conn.addr();
-            self.index.remove(&(a.local_cid, a.local_port, a.peer_port));
-            if e.ephemeral {
-                self.ports_in_use.remove(&a.local_port);
+            if let Origin::Host { ephemeral: true } = e.origin {
+                self.ports.free(a.local_port);
             }
-            self.free.push(slot);
-            self.live -= 1;
-            self.count_kill(e.conn.kill_reason());
+            self.count_end(&e.conn);
+            super::conn_log::ended(
+                &e.conn,
+                e.route,
+                matches!(e.origin, Origin::Host { .. }),
+                now.saturating_duration_since(e.opened),
+            );
+            drop(e);
+            if !self.parked.is_empty() {
+                self.unpark(w, a, now);
+            }
             return;
         }
-        let token = Token::Conn { slot, gen };
         let want = e.conn.interest();
-        if e.registered != Some(want) {
-            let res = match (e.registered, want.is_none()) {
-                (Some(_), true) => poller.remove(fd),
-                (None, true) => Ok(()),
-                (None, false) => poller.add(fd, token, want.read, want.write),
-                (Some(_), false) => poller.modify(fd, token, want.read, want.write),
-            };
-            match res {
-                Ok(()) => e.registered = (!want.is_none()).then_some(want),
+        if e.watched != Some(want) && !(e.watched.is_none() && want.is_none()) {
+            match w.watch(e.conn.fd(), id, e.watched, want) {
+                Ok(()) => e.watched = (!want.is_none()).then_some(want),
                 Err(_) => {
-                    e.conn.kill(KillReason::HostError, true);
-                    e.registered = None;
+                    e.conn.kill(KillReason::HostError, Notify::Rst);
+                    e.watched = None;
                 }
             }
         }
         if e.conn.has_pending_rx() && !e.in_rxq {
             e.in_rxq = true;
-            self.rxq.push_back((slot, gen));
+            self.rxq.push(id);
         }
         let deadline = e.conn.deadline();
         if deadline != e.armed {
             e.armed = deadline;
             if let Some(t) = deadline {
-                self.timers.push(Reverse((t, slot, gen)));
+                self.timers.arm(id, t);
             }
         }
     }
 
-    fn count_kill(&self, reason: Option<KillReason>) {
+    fn count_end(&self, conn: &Conn<B::Stream>) {
         let c = &self.counters;
-        let counter = match reason {
-            Some(KillReason::CreditOverrun) => &c.credit_overrun,
-            Some(KillReason::Protocol) => &c.protocol_error,
-            Some(KillReason::ConnectFailed) => &c.connect_failed,
-            Some(KillReason::Timeout) => &c.timeouts,
-            Some(KillReason::HostError) => &c.host_error,
-            Some(KillReason::GuestReset) | Some(KillReason::Closed) | None => return,
+        let counter = match conn.kill_reason() {
+            Some(KillReason::CreditOverrun) => Some(&c.credit_overrun),
+            Some(KillReason::Protocol) => Some(&c.protocol_error),
+            Some(KillReason::ConnectFailed) => Some(&c.connect_failed),
+            Some(KillReason::Timeout) => Some(&c.timeouts),
+            Some(KillReason::HostError) => Some(&c.host_error),
+            Some(KillReason::GuestReset) | Some(KillReason::Closed) | None => None,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if conn.sent_rst() {
+            c.rst_sent(match conn.kill_reason() {
+                Some(KillReason::ConnectFailed) => RstReason::ConnectFailed,
+                None | Some(KillReason::Closed) => RstReason::Close,
+                Some(_) => RstReason::Reset,
+            });
+        }
+        let (to_host, to_guest) = conn.bytes();
+        c.ended_bytes_to_host.fetch_add(to_host, Ordering::Relaxed);
+        c.ended_bytes_to_guest
+            .fetch_add(to_guest, Ordering::Relaxed);
+        if conn.dropped() > 0 {
+            Counters::inc(&c.host_dropped);
+        }
     }
 
     /// A snapshot of every live connection.
     pub fn snapshot(&self) -> Vec<ConnInfo> {
-        self.slots
+        self.table
             .iter()
-            .filter_map(|s| s.entry.as_ref())
-            .map(|e| {
+            .map(|(_, e)| {
                 let a = e.conn.addr();
                 let (to_host, to_guest) = e.conn.bytes();
                 ConnInfo {
@@ -508,7 +583,7 @@ impl<B: Backend> Muxer<B> {
                     peer_port: a.peer_port,
                     path: e.route.path,
                     to_host: e.route.to_host,
-                    guest_initiated: e.guest_initiated,
+                    guest_initiated: e.origin == Origin::Guest,
                     state: e.conn.state().name(),
                     bytes_to_host: to_host,
                     bytes_to_guest: to_guest,

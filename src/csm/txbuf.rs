@@ -7,10 +7,10 @@
 
 use std::io;
 
-use super::stream::VsockStream;
-use crate::device::chain::Chain;
-use crate::device::iovec::IoVecs;
-use crate::device::virtio::GuestMemory;
+use crate::stream::VsockStream;
+use crate::vq::chain::Chain;
+use crate::vq::iovec::IoVecs;
+use crate::vq::GuestMemory;
 
 /// A ring buffer, allocated on first use.
 #[derive(Debug, Default)]
@@ -53,6 +53,12 @@ impl TxBuf {
         }
     }
 
+    /// Drops every byte waiting (the peer will never take them).
+    pub fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+
     /// Appends `buf`; returns the bytes taken (all of them unless the buffer is full).
     pub fn push(&mut self, buf: &[u8]) -> usize {
         let n = buf.len().min(self.free());
@@ -91,6 +97,31 @@ impl TxBuf {
         };
         self.len += a + b;
         a + b
+    }
+
+    /// Appends the first `len` waiting bytes to `iov` (at most two slices, as the ring wraps),
+    /// for a write that [`TxBuf::consume`] then accounts for.
+    pub fn front_iovecs<'a>(&'a mut self, len: usize, iov: &mut IoVecs<'a>) {
+        let len = len.min(self.len);
+        if len == 0 {
+            return;
+        }
+        let cap = self.cap;
+        let head = self.head;
+        let first = len.min(cap - head);
+        let (low, high) = self.data.split_at_mut(head);
+        iov.push_buf(&mut high[..first]);
+        iov.push_buf(&mut low[..len - first]);
+    }
+
+    /// Drops the first `n` waiting bytes (they were written).
+    pub fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.head = (self.head + n) % self.cap.max(1);
+        self.len -= n;
+        if self.len == 0 {
+            self.head = 0;
+        }
     }
 
     /// Writes as much as the stream takes. Returns the bytes written; `WouldBlock` is not an

@@ -1,11 +1,14 @@
-//! The virtio-vsock device: transport contract, queues, packet codec and the device thread.
+//! The virtio-vsock device: the transport contract ([`virtio`]), the device ([`vsock`]), its
+//! core with the epoll set and one wake-up's work ([`core`], [`poller`]), and the two loops it
+//! runs in: its own thread ([`worker`]) or a VMM's event-manager loop ([`subscriber`]).
 
-pub mod chain;
-pub mod iovec;
-pub mod packet;
+pub mod core;
+pub mod guest_warn;
 pub mod poller;
+pub mod subscriber;
 pub mod virtio;
 pub mod vsock;
 pub mod worker;
 
-pub use vsock::{DeviceConfig, DeviceHandle, VsockDevice};
+pub use subscriber::VsockSubscriber;
+pub use vsock::{DeviceConfig, DeviceHandle, RunMode, VsockDevice};

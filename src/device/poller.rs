@@ -1,9 +1,14 @@
 //! The device thread's epoll set and the meaning of its tokens.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::csm::muxer::Watch;
+use crate::csm::table::ConnId;
+use crate::csm::types::Interest;
+use crate::stream::Readiness;
 
 /// What a ready file descriptor is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,18 +19,20 @@ pub enum Token {
     Control,
     /// The backend's poll fd (listeners, handshakes).
     Backend,
-    /// The host stream of the connection in table slot `slot`, generation `gen`.
-    Conn {
-        /// Table slot.
-        slot: u32,
-        /// Generation of the slot, so a stale event for a reused slot is ignored.
-        gen: u32,
-    },
+    /// The core's own "work is left" eventfd.
+    Again,
+    /// The core's deadline timerfd.
+    Timer,
+    /// The host stream of a connection (its id carries the slot's generation, so a stale event
+    /// for a reused slot is ignored).
+    Conn(ConnId),
 }
 
 const CONN_BIT: u64 = 1 << 63;
 const CONTROL: u64 = 1 << 16;
 const BACKEND: u64 = (1 << 16) + 1;
+const AGAIN: u64 = (1 << 16) + 2;
+const TIMER: u64 = (1 << 16) + 3;
 
 impl Token {
     fn encode(self) -> u64 {
@@ -33,22 +40,23 @@ impl Token {
             Token::Queue(n) => u64::from(n),
             Token::Control => CONTROL,
             Token::Backend => BACKEND,
-            Token::Conn { slot, gen } => {
-                CONN_BIT | (u64::from(gen & 0x7fff_ffff) << 32) | u64::from(slot)
-            }
+            Token::Again => AGAIN,
+            Token::Timer => TIMER,
+            Token::Conn(id) => CONN_BIT | (u64::from(id.gen) << 32) | u64::from(id.slot),
         }
     }
 
     fn decode(v: u64) -> Token {
         if v & CONN_BIT != 0 {
-            Token::Conn {
-                slot: v as u32,
-                gen: ((v >> 32) as u32) & 0x7fff_ffff,
-            }
+            Token::Conn(ConnId::new(v as u32, (v >> 32) as u32))
         } else if v == CONTROL {
             Token::Control
         } else if v == BACKEND {
             Token::Backend
+        } else if v == AGAIN {
+            Token::Again
+        } else if v == TIMER {
+            Token::Timer
         } else {
             Token::Queue(v as u16)
         }
@@ -60,14 +68,8 @@ impl Token {
 pub struct Ready {
     /// Whose fd it is.
     pub token: Token,
-    /// Readable (or hung up: reading tells how).
-    pub readable: bool,
-    /// Writable.
-    pub writable: bool,
-    /// The peer hung up both directions (EPOLLHUP, reported whatever the interest).
-    pub hangup: bool,
-    /// An error is pending on the fd.
-    pub error: bool,
+    /// What it is ready for.
+    pub readiness: Readiness,
 }
 
 /// Level-triggered epoll with typed tokens.
@@ -125,13 +127,34 @@ impl Poller {
             let set = ev.event_set();
             f(Ready {
                 token: Token::decode(ev.data()),
-                readable: set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP),
-                writable: set.contains(EventSet::OUT),
-                hangup: set.contains(EventSet::HANG_UP),
-                error: set.contains(EventSet::ERROR),
+                readiness: Readiness {
+                    readable: set
+                        .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP),
+                    writable: set.contains(EventSet::OUT),
+                    hangup: set.contains(EventSet::HANG_UP),
+                    error: set.contains(EventSet::ERROR),
+                },
             });
         }
         Ok(n)
+    }
+}
+
+impl Watch for Poller {
+    fn watch(&self, fd: RawFd, id: ConnId, old: Option<Interest>, new: Interest) -> io::Result<()> {
+        let token = Token::Conn(id);
+        match (old, new.is_none()) {
+            (Some(_), true) => self.remove(fd),
+            (None, true) => Ok(()),
+            (None, false) => self.add(fd, token, new.read, new.write),
+            (Some(_), false) => self.modify(fd, token, new.read, new.write),
+        }
+    }
+}
+
+impl AsRawFd for Poller {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
     }
 }
 
@@ -146,11 +169,10 @@ mod tests {
             Token::Queue(2),
             Token::Control,
             Token::Backend,
-            Token::Conn { slot: 0, gen: 0 },
-            Token::Conn {
-                slot: u32::MAX,
-                gen: 0x7fff_ffff,
-            },
+            Token::Again,
+            Token::Timer,
+            Token::Conn(ConnId::new(0, 0)),
+            Token::Conn(ConnId::new(u32::MAX, 0x7fff_ffff)),
         ] {
             assert_eq!(Token::decode(t.encode()), t);
         }

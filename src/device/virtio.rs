@@ -24,11 +24,9 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest memory as the device sees it. Cloning it is cheap (the regions are reference-counted).
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub use crate::vq::GuestMemory;
 
 /// Why an interrupt is raised; selects the bit the transport sets in InterruptStatus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,11 +10,12 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 
+use super::core::{Control, ControlMsg, DeviceCore, DEFAULT_BUDGET};
+use super::subscriber::{SharedCore, VsockSubscriber};
 use super::virtio::{ActivateContext, ActivateError, FeatureError, VirtioDevice};
-use super::worker::{Control, ControlMsg, Worker, DEFAULT_BUDGET};
-use crate::backend::Backend;
-use crate::csm::connection::CsmConfig;
 use crate::csm::muxer::{ConnInfo, Muxer};
+use crate::csm::types::CsmConfig;
+use crate::seam::Backend;
 use crate::stats::Counters;
 
 /// The virtio device ID of vsock.
@@ -39,6 +40,20 @@ pub struct DeviceConfig {
     pub budget: usize,
     /// Per-connection settings.
     pub csm: CsmConfig,
+    /// Where the device runs once activated.
+    pub run: RunMode,
+}
+
+/// Where an activated device runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RunMode {
+    /// Its own thread (the default; see [`super::worker`]).
+    #[default]
+    Thread,
+    /// A loop of the VMM's own: after activation, add [`VsockDevice::subscriber`] to an
+    /// event-manager loop (see [`super::subscriber`]), or wait on its
+    /// [`poll_fd`](VsockSubscriber::poll_fd) and call its [`run_once`](VsockSubscriber::run_once).
+    External,
 }
 
 impl DeviceConfig {
@@ -50,13 +65,19 @@ impl DeviceConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             budget: DEFAULT_BUDGET,
             csm: CsmConfig::default(),
+            run: RunMode::Thread,
         }
     }
 }
 
 struct Running<B: Backend> {
     control: Arc<Control>,
-    thread: JoinHandle<io::Result<B>>,
+    runner: Runner<B>,
+}
+
+enum Runner<B: Backend> {
+    Thread(JoinHandle<io::Result<B>>),
+    Shared(SharedCore<B>),
 }
 
 /// A cheap, cloneable, thread-safe view of a device for the VMM's API thread: counters and live
@@ -143,14 +164,32 @@ impl<B: Backend + 'static> VsockDevice<B> {
         self.running.is_some()
     }
 
+    /// The activated device as an event-manager subscriber ([`RunMode::External`] only;
+    /// `None` before activation or in [`RunMode::Thread`]).
+    pub fn subscriber(&self) -> Option<VsockSubscriber<B>> {
+        match &self.running.as_ref()?.runner {
+            Runner::Shared(core) => Some(VsockSubscriber::new(core.clone())),
+            Runner::Thread(_) => None,
+        }
+    }
+
     fn stop(&mut self) {
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if let Some(r) = self.running.take() {
-            let _ = r.control.send(ControlMsg::Stop);
-            match r.thread.join() {
-                Ok(Ok(backend)) => self.backend = Some(backend),
-                Ok(Err(e)) => log::error!("vsock device thread failed: {e}"),
-                Err(_) => log::error!("vsock device thread panicked"),
+        let Some(r) = self.running.take() else {
+            return;
+        };
+        match r.runner {
+            Runner::Thread(thread) => {
+                let _ = r.control.send(ControlMsg::Stop);
+                match thread.join() {
+                    Ok(Ok(backend)) => self.backend = Some(backend),
+                    Ok(Err(e)) => log::error!("vsock device thread failed: {e}"),
+                    Err(_) => log::error!("vsock device thread panicked"),
+                }
+            }
+            Runner::Shared(core) => {
+                let core = core.lock().unwrap_or_else(|p| p.into_inner()).take();
+                self.backend = core.map(DeviceCore::into_backend);
             }
         }
     }
@@ -236,28 +275,35 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
                 return Err(ActivateError::Worker(e));
             }
         };
-        let worker = Worker {
-            mem: ctx.mem,
+        let muxer = Muxer::new(
+            self.cfg.guest_cid,
+            self.cfg.csm,
+            self.cfg.max_connections,
+            backend,
+            self.counters.clone(),
+        );
+        let core = DeviceCore::new(
+            ctx.mem,
             queues,
-            kicks: ctx.kicks,
-            interrupt: ctx.interrupt,
-            control: control.clone(),
-            muxer: Muxer::new(
-                self.cfg.guest_cid,
-                self.cfg.csm,
-                self.cfg.max_connections,
-                backend,
-                self.counters.clone(),
+            ctx.kicks,
+            ctx.interrupt,
+            control.clone(),
+            muxer,
+            self.counters.clone(),
+            self.cfg.budget,
+        )
+        .map_err(ActivateError::Worker)?;
+        let runner = match self.cfg.run {
+            RunMode::Thread => Runner::Thread(
+                std::thread::Builder::new()
+                    .name(format!("vsock-{}", self.cfg.guest_cid))
+                    .spawn(move || super::worker::run(core))
+                    .map_err(ActivateError::Worker)?,
             ),
-            counters: self.counters.clone(),
-            budget: self.cfg.budget.max(1),
+            RunMode::External => Runner::Shared(Arc::new(Mutex::new(Some(core)))),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vsock-{}", self.cfg.guest_cid))
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(control.clone());
-        self.running = Some(Running { control, thread });
+        self.running = Some(Running { control, runner });
         Ok(())
     }
 

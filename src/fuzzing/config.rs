@@ -1,35 +1,23 @@
 //! `config`: the device option string (`cid=3,socket=/run/vm3.vsock,fallback=1,...`) as an
 //! operator, a script or a management plane passes it to the VMM.
 //!
-//! Asserted: [`VsockConfig::from_str`] never panics; it refuses every string with an unknown,
+//! Asserted: [`VsockConfig::from_str`] never panics; it refuses every string with an empty item, an unknown,
 //! duplicate or valueless key or without `cid` and `socket`; an accepted configuration is within
 //! the documented bounds (CID 3 ..= u32::MAX − 1, unique listen ports below u32::MAX and only with
-//! an uplink, 1 ..= 65536 connections, 4 KiB ..= 16 MiB buffers, a handshake timeout of
-//! 10 ms ..= 10 min in whole milliseconds) and prints back to an option
+//! an uplink, 1 ..= 65536 connections, 4 KiB ..= 16 MiB buffers, handshake, request and
+//! connect timeouts of 10 ms ..= 10 min in whole milliseconds) and prints back to an option
 //! string that parses to the same value; numbers are plain decimal digits (no sign); every error
 //! prints and names its key.
 
 use std::str::FromStr;
 
-use crate::config::{ConfigError, VsockConfig};
+use crate::config::{ConfigError, VsockConfig, KEYS};
 
-const KEYS: &[&str] = &[
-    "cid",
-    "socket",
-    "fallback",
-    "uplink",
-    "registry",
-    "listen",
-    "max_connections",
-    "buffer_size",
-    "handshake_timeout_ms",
-];
-
-/// Whether the string is well formed as key=value items: known keys, each once, each with a
-/// value, `cid` and `socket` present. Values are not checked.
+/// Whether the string is well formed as key=value items: no empty item, known keys, each once,
+/// each with a value, `cid` and `socket` present. Values are not checked.
 fn well_formed(s: &str) -> bool {
     let mut seen: Vec<&str> = Vec::new();
-    for item in s.split(',').filter(|i| !i.is_empty()) {
+    for item in s.split(',') {
         let Some((k, v)) = item.split_once('=') else {
             return false;
         };
@@ -47,7 +35,12 @@ fn plain_numbers(s: &str) -> bool {
     s.split(',')
         .filter_map(|i| i.split_once('='))
         .all(|(k, v)| match k {
-            "cid" | "max_connections" | "buffer_size" | "handshake_timeout_ms" => digits(v),
+            "cid"
+            | "max_connections"
+            | "buffer_size"
+            | "handshake_timeout_ms"
+            | "request_timeout_ms"
+            | "connect_timeout_ms" => digits(v),
             "listen" => v.split('+').all(digits),
             _ => true,
         })
@@ -57,14 +50,16 @@ fn plain_numbers(s: &str) -> bool {
 fn to_option_string(c: &VsockConfig) -> String {
     let mut s = format!(
         "cid={},socket={},fallback={},uplink={},max_connections={},buffer_size={},\
-         handshake_timeout_ms={}",
+         handshake_timeout_ms={},request_timeout_ms={},connect_timeout_ms={}",
         c.cid,
         c.socket.display(),
         u8::from(c.g2h_fallback),
         c.uplink,
         c.max_connections,
         c.buffer_size,
-        c.handshake_timeout.as_millis()
+        c.handshake_timeout.as_millis(),
+        c.request_timeout.as_millis(),
+        c.connect_timeout.as_millis()
     );
     if let Some(r) = &c.registry {
         s.push_str(&format!(",registry={}", r.display()));
@@ -76,7 +71,7 @@ fn to_option_string(c: &VsockConfig) -> String {
     s
 }
 
-/// The fuzz body; see the [module documentation](self).
+/// The fuzz body; see the module documentation of `fuzzing::config`.
 pub fn config(data: &[u8]) {
     let s = String::from_utf8_lossy(data);
     let parsed = VsockConfig::from_str(&s);
@@ -85,7 +80,10 @@ pub fn config(data: &[u8]) {
             let msg = e.to_string();
             assert!(!msg.is_empty());
             if let ConfigError::Invalid { key, .. } = &e {
-                assert!(KEYS.contains(key), "invalid value of unknown key {key}");
+                assert!(
+                    KEYS.contains(&key.as_str()),
+                    "invalid value of unknown key {key}"
+                );
                 assert!(msg.contains(key), "{msg:?} does not name {key}");
             }
             return;
@@ -101,12 +99,17 @@ pub fn config(data: &[u8]) {
     assert!(!c.socket.as_os_str().is_empty(), "empty socket path");
     assert!((1..=65_536).contains(&c.max_connections));
     assert!((4096..=16 << 20).contains(&c.buffer_size));
-    let ms = c.handshake_timeout.as_millis();
-    assert!(
-        (10..=600_000).contains(&ms) && c.handshake_timeout.subsec_nanos() % 1_000_000 == 0,
-        "handshake timeout {:?}",
-        c.handshake_timeout
-    );
+    for (what, t) in [
+        ("handshake", c.handshake_timeout),
+        ("request", c.request_timeout),
+        ("connect", c.connect_timeout),
+    ] {
+        let ms = t.as_millis();
+        assert!(
+            (10..=600_000).contains(&ms) && t.subsec_nanos() % 1_000_000 == 0,
+            "{what} timeout {t:?}"
+        );
+    }
     for (i, p) in c.listen.iter().enumerate() {
         assert_ne!(*p, u32::MAX, "listen on the any-port");
         assert!(!c.listen[..i].contains(p), "listen port {p} twice");

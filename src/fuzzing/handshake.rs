@@ -1,5 +1,6 @@
 //! `handshake`: the host-side handshake lines (`CONNECT <port>\n` from a local client of the
-//! hybrid socket, `CONNECT <port> FROM <cid> <port>\n` from a sibling over the registry socket).
+//! hybrid socket, `CONNECT <port> FROM <cid> <port>\n` from a program and
+//! `RELAY <port> FROM <cid> <port>\n` from a sibling device over the registry socket).
 //!
 //! Asserted: [`parse_line`] never panics and agrees with an independent reading of the strict
 //! grammar (same verdict, same numbers); an accepted line prints back (`Display`) to a canonical
@@ -7,7 +8,7 @@
 //! accepted line is a viable prefix (a server never drops a client in the middle of a valid
 //! line); and [`find_line`] delimits exactly the first line.
 
-use crate::backend::handshake::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
+use crate::wire::line::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
 
 /// The strict grammar, read a second way: `None` when the line is invalid.
 fn oracle(line: &[u8]) -> Option<Line> {
@@ -36,11 +37,16 @@ fn oracle(line: &[u8]) -> Option<Line> {
             cid: num(c)?,
             src_port: num(s)?,
         }),
+        ["RELAY", p, "FROM", c, s] => Some(Line::Relay {
+            port: num(p)?,
+            cid: num(c)?,
+            src_port: num(s)?,
+        }),
         _ => None,
     }
 }
 
-/// The fuzz body; see the [module documentation](self).
+/// The fuzz body; see the module documentation of `fuzzing::handshake`.
 pub fn handshake(data: &[u8]) {
     assert_eq!(
         find_line(data),

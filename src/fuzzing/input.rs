@@ -71,6 +71,23 @@ impl<'a> Input<'a> {
     pub fn one_in(&mut self, n: u8) -> bool {
         n != 0 && self.u8() % n == 0
     }
+
+    /// A packet op: mostly one of 0–7 (the defined ones and INVALID), now and then any `u16`.
+    pub fn op(&mut self) -> u16 {
+        match self.u8() {
+            x if x < 240 => u16::from(x % 8),
+            _ => self.u16(),
+        }
+    }
+
+    /// Packet flags: mostly a combination of SHUTDOWN's RCV and SEND, now and then any `u32`.
+    pub fn flags(&mut self) -> u32 {
+        if self.one_in(4) {
+            self.u32()
+        } else {
+            u32::from(self.u8() % 4)
+        }
+    }
 }
 
 /// A deterministic xorshift generator for the pseudo-random inputs of the corpus test.
@@ -111,5 +128,15 @@ mod tests {
         assert_eq!(i.u64(), 0);
         assert!(i.is_empty());
         assert_eq!(i.below(7), 0);
+    }
+
+    #[test]
+    fn ops_and_flags_are_mostly_small_and_sometimes_anything() {
+        // 13 % 8 = 5; 250 takes the next two bytes whole.
+        let mut i = Input::new(&[13, 250, 0x34, 0x12]);
+        assert_eq!((i.op(), i.op()), (5, 0x1234));
+        // 1 % 4 != 0: 7 % 4 = 3; 8 % 4 == 0: the next four bytes whole.
+        let mut i = Input::new(&[1, 7, 8, 1, 0, 0, 0x80]);
+        assert_eq!((i.flags(), i.flags()), (3, 0x8000_0001));
     }
 }

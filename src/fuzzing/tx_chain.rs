@@ -8,20 +8,18 @@
 //! non-empty segments, each inside guest memory by our own map of it, `len()` is their sum,
 //! reads and iovecs cover it exactly; and for every accepted TX packet: the header is the chain's
 //! first 44 bytes, `len` ≤ 64 KiB and ≤ the chain's payload room, and `parse_tx` refuses exactly
-//! what it must (and counts it).
+//! what it must, with the reason it gives.
 
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Input;
-use crate::device::chain::{Chain, Direction, MAX_SEGMENTS};
-use crate::device::iovec::IoVecs;
-use crate::device::packet::{Header, HEADER_LEN, MAX_PAYLOAD};
-use crate::device::virtio::GuestMemory;
-use crate::device::worker::parse_tx;
-use crate::stats::Counters;
+use crate::vq::chain::{Chain, Direction, MAX_SEGMENTS};
+use crate::vq::iovec::IoVecs;
+use crate::vq::GuestMemory;
+use crate::vq::{parse_tx, TxError};
+use crate::wire::{Header, HEADER_LEN, MAX_PAYLOAD};
 
 /// The guest memory map: `[0, 0x4000)` in two regions, a hole, then `[0x10000, 0x11000)`.
 const REGIONS: [(u64, u64); 3] = [(0, 0x2000), (0x2000, 0x2000), (0x1_0000, 0x1000)];
@@ -58,7 +56,7 @@ fn inside(addr: u64, len: u64) -> bool {
     ranges.iter().any(|&(s, e)| addr >= s && end <= e)
 }
 
-/// The fuzz body; see the [module documentation](self).
+/// The fuzz body; see the module documentation of `fuzzing::tx_chain`.
 pub fn tx_chain(data: &[u8]) {
     let mut inp = Input::new(data);
     let mode = inp.u8();
@@ -83,7 +81,6 @@ pub fn tx_chain(data: &[u8]) {
         if mode & 1 != 0 {
             fold_table(mem, table, queue_size, mode & 8 != 0);
         }
-        let counters = Counters::default();
         for k in 0..heads {
             let at = avail.wrapping_add(4 + 2 * u64::from(k));
             let head: u16 = match mem.read_obj(GuestAddress(at)) {
@@ -92,7 +89,7 @@ pub fn tx_chain(data: &[u8]) {
                 // still walk something.
                 Err(_) => k as u16,
             };
-            check_one(mem, GuestAddress(table), queue_size, head, &counters);
+            check_one(mem, GuestAddress(table), queue_size, head);
         }
     });
 }
@@ -114,7 +111,7 @@ fn fold_table(mem: &GuestMemory, table: u64, queue_size: u16, fold_next: bool) {
     }
 }
 
-fn check_one(mem: &GuestMemory, table: GuestAddress, queue_size: u16, head: u16, c: &Counters) {
+fn check_one(mem: &GuestMemory, table: GuestAddress, queue_size: u16, head: u16) {
     let mut walked_tx = None;
     for dir in [Direction::DeviceReads, Direction::DeviceWrites] {
         let Ok(chain) = Chain::walk(mem, table, queue_size, head, dir) else {
@@ -125,12 +122,9 @@ fn check_one(mem: &GuestMemory, table: GuestAddress, queue_size: u16, head: u16,
             walked_tx = Some(chain);
         }
     }
-    let before = c.malformed_chains.load(Ordering::Relaxed);
-    let parsed = parse_tx(mem, table, queue_size, head, c);
-    let counted = c.malformed_chains.load(Ordering::Relaxed) - before;
+    let parsed = parse_tx(mem, table, queue_size, head);
     match (&parsed, &walked_tx) {
-        (Some((chain, h)), Some(walked)) => {
-            assert_eq!(counted, 0, "accepted packet counted as malformed");
+        (Ok((chain, h)), Some(walked)) => {
             assert_eq!(chain.segments(), walked.segments(), "walk is deterministic");
             assert!(
                 h.len <= MAX_PAYLOAD,
@@ -151,21 +145,22 @@ fn check_one(mem: &GuestMemory, table: GuestAddress, queue_size: u16, head: u16,
                 "header is the chain's first 44 bytes"
             );
         }
-        (Some(_), None) => panic!("parse_tx accepted a chain that walk refused"),
-        (None, walked) => {
-            assert_eq!(counted, 1, "refused TX packet counted {counted} times");
-            if let Some(w) = walked {
-                // Refused only for a short chain or a bad header length.
+        (Ok(_), None) => panic!("parse_tx accepted a chain that walk refused"),
+        (Err(e), None) => assert!(matches!(e, TxError::Chain(_)), "{e}"),
+        (Err(e), Some(w)) => {
+            // Refused only for a short chain or a bad header length.
+            if w.len() < HEADER_LEN as u64 {
+                assert_eq!(*e, TxError::ShortHeader);
+            } else {
                 let mut raw = [0u8; HEADER_LEN];
-                if w.len() >= HEADER_LEN as u64 {
-                    read_segments(mem, w, &mut raw);
-                    let h = Header::decode(&raw);
-                    assert!(
-                        h.len > MAX_PAYLOAD || u64::from(h.len) + HEADER_LEN as u64 > w.len(),
-                        "parse_tx refused a valid packet: {h:?}, chain {}",
-                        w.len()
-                    );
-                }
+                read_segments(mem, w, &mut raw);
+                let h = Header::decode(&raw);
+                assert_eq!(*e, TxError::BadLen(h.len));
+                assert!(
+                    h.len > MAX_PAYLOAD || u64::from(h.len) + HEADER_LEN as u64 > w.len(),
+                    "parse_tx refused a valid packet: {h:?}, chain {}",
+                    w.len()
+                );
             }
         }
     }

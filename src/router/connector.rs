@@ -4,21 +4,23 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::control::Policy;
 use super::decide::{decide, Decision, RouteCtx};
 use super::{Path, RouteInfo};
+use crate::backend::accept::HandshakeView;
 use crate::backend::host::HostBackend;
 use crate::backend::listen::ListenBackend;
 use crate::backend::registry::{Registry, RegistryError};
 use crate::backend::stream::SockStream;
 use crate::backend::uplink::{Uplink, UplinkSpec};
 use crate::backend::vsock::{af_vsock_forbidden, FORBID_ENV};
-use crate::backend::{Backend, ConnectRequest, Incoming, Outgoing, Refusal};
+use crate::backend::{Backend, ConnectRequest, Framing, Incoming, Outgoing, Refusal};
 use crate::config::VsockConfig;
 
 /// Why the router could not be set up. Each message names what failed.
@@ -54,6 +56,7 @@ pub enum RouterError {
 /// Routes a device's connections.
 pub struct Router {
     guest_cid: u64,
+    connect_timeout: Duration,
     policy: Arc<Policy>,
     host: HostBackend,
     registry: Option<Registry>,
@@ -110,8 +113,8 @@ impl Router {
             Some(ListenBackend::new(&cfg.uplink, &cfg.listen).map_err(uplink_err)?)
         };
         let epoll = Epoll::new().map_err(RouterError::Epoll)?;
-        let mut fds = vec![host.poll_fd()];
-        fds.extend(registry.as_ref().map(|r| r.poll_fd()));
+        let mut fds = vec![host.server().poll_fd()];
+        fds.extend(registry.as_ref().map(|r| r.server().poll_fd()));
         fds.extend(listen.as_ref().map(|l| l.poll_fd()));
         for fd in fds {
             epoll
@@ -124,6 +127,7 @@ impl Router {
         }
         Ok(Router {
             guest_cid: cfg.cid,
+            connect_timeout: cfg.connect_timeout,
             policy,
             host,
             registry,
@@ -136,6 +140,52 @@ impl Router {
     /// The uplink, if one is configured.
     pub fn uplink(&self) -> Option<&Uplink> {
         self.uplink.as_ref()
+    }
+
+    /// A live view of the host side's counters, to keep before the router goes into a device.
+    pub fn stats(&self) -> RouterStats {
+        RouterStats {
+            host: self.host.server().view(),
+            registry: self.registry.as_ref().map(|r| r.server().view()),
+            uplink_attempts: self.uplink.as_ref().map(Uplink::attempt_counter),
+            listen_paused: self
+                .listen
+                .as_ref()
+                .map(ListenBackend::pause_counters)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A live, thread-safe view of a [`Router`]'s host-side counters: the handshakes of the hybrid
+/// socket and of the registry socket, the uplink's connect attempts, the `listen=` listeners'
+/// accept pauses.
+#[derive(Clone, Debug)]
+pub struct RouterStats {
+    /// The hybrid socket's handshakes.
+    pub host: HandshakeView,
+    /// The registry socket's (sibling) handshakes, with a registry.
+    pub registry: Option<HandshakeView>,
+    /// Connect attempts on the uplink, with one.
+    pub uplink_attempts: Option<Arc<AtomicU64>>,
+    /// Accept pauses of each `listen=` listener.
+    pub listen_paused: Vec<Arc<AtomicU64>>,
+}
+
+impl RouterStats {
+    /// Connect attempts on the uplink (0 without one).
+    pub fn uplink_attempts(&self) -> u64 {
+        self.uplink_attempts
+            .as_ref()
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// Accept pauses of the `listen=` listeners, summed.
+    pub fn listen_paused(&self) -> u64 {
+        self.listen_paused
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -150,26 +200,27 @@ impl Backend for Router {
         };
         let registry = self.registry.as_ref();
         let decision = decide(req.dst_cid, &ctx, |c| registry.is_some_and(|r| r.owns(c)));
-        let (res, path, await_ok) = match decision {
+        let (res, path, framing) = match decision {
             Decision::Refuse(_) => return Err(Refusal::NoRoute),
-            Decision::Host => (self.host.connect(req.dst_port), Path::Host, false),
+            Decision::Host => (self.host.connect(req.dst_port), Path::Host, Framing::Bytes),
             Decision::Sibling => {
                 let r = self.registry.as_ref().ok_or(Refusal::NoRoute)?;
                 let res = r
-                    .connect(req.dst_cid, req.dst_port, req.guest_cid, req.guest_port)
+                    .connect_relay(req.dst_cid, req.dst_port, req.guest_cid, req.guest_port)
                     .map(|s| (s, true));
-                (res, Path::Sibling, true)
+                (res, Path::Sibling, Framing::Packets)
             }
             Decision::Uplink => {
                 let u = self.uplink.as_ref().ok_or(Refusal::NoRoute)?;
-                (u.connect(req.dst_cid, req.dst_port), Path::Uplink, false)
+                let res = u.connect(req.dst_cid, req.dst_port, self.connect_timeout);
+                (res, Path::Uplink, Framing::Bytes)
             }
         };
         let (stream, connected) = res.map_err(|_| Refusal::ConnectFailed)?;
         Ok(Outgoing {
             stream,
             connected,
-            await_ok,
+            framing,
             route: RouteInfo {
                 path,
                 to_host: path == Path::Uplink,
@@ -185,9 +236,9 @@ impl Backend for Router {
         // Level-triggered: empty the ready list; the components do the real work.
         let mut evs = [EpollEvent::default(); 8];
         let _ = self.epoll.wait(0, &mut evs);
-        self.host.process(now, out);
+        self.host.server_mut().process(now, out);
         if let Some(r) = self.registry.as_mut() {
-            r.process(now, out);
+            r.server_mut().process(now, out);
         }
         if let Some(l) = self.listen.as_mut() {
             l.process(now, out);
@@ -196,8 +247,10 @@ impl Backend for Router {
 
     fn next_deadline(&self) -> Option<Instant> {
         [
-            self.host.next_deadline(),
-            self.registry.as_ref().and_then(|r| r.next_deadline()),
+            self.host.server().next_deadline(),
+            self.registry
+                .as_ref()
+                .and_then(|r| r.server().next_deadline()),
             self.listen.as_ref().and_then(|l| l.next_deadline()),
         ]
         .into_iter()

@@ -1,6 +1,6 @@
 //! The routing decision: one pure function, in the kernel's order.
 
-use crate::device::packet::HOST_CID;
+use crate::wire::{Cid, HOST_CID};
 
 /// What the decision needs to know besides the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub enum Decision {
 /// after the g2h_fallback change. `owned(cid)` says whether a guest on this machine (a sibling
 /// in the CID registry) owns `cid`; it is asked only when the answer matters.
 pub fn decide(dst_cid: u64, ctx: &RouteCtx, owned: impl FnOnce(u64) -> bool) -> Decision {
-    if dst_cid <= 1 || dst_cid >= u64::from(u32::MAX) || Some(dst_cid) == ctx.own_cid {
+    if Cid(dst_cid).is_unreachable() || Some(dst_cid) == ctx.own_cid {
         return Decision::Refuse(RefuseReason::ReservedCid);
     }
     if dst_cid == HOST_CID {

@@ -8,14 +8,26 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{AcceptReply, Backend, ConnectRequest, Incoming, Outgoing, Refusal};
-use crate::router::{Path, RouteInfo};
+use crate::backend::{AcceptReply, Backend, ConnectRequest, Framing, Incoming, Outgoing, Refusal};
+use crate::seam::{Path, RouteInfo};
+
+/// A host-initiated connection the test opened, waiting for the device.
+struct Offer {
+    stream: UnixStream,
+    guest_port: u32,
+    prefix: Vec<u8>,
+    /// For a relay: the sibling guest's CID and port.
+    relay_from: Option<(u64, u32)>,
+    /// Runs on the device thread right before the device gets the connection.
+    before: Option<Box<dyn FnOnce() + Send>>,
+}
 
 #[derive(Default)]
 struct Shared {
     accepted: VecDeque<(ConnectRequest, UnixStream)>,
-    incoming: VecDeque<(UnixStream, u32, Vec<u8>)>,
+    incoming: VecDeque<Offer>,
     refuse: bool,
+    relay: bool,
     sock_buf: Option<usize>,
     connects: u64,
 }
@@ -37,18 +49,8 @@ pub struct PairHost {
 /// Sets a Unix stream's send and receive buffers to about `size` bytes (small buffers make
 /// short writes and back-pressure happen early).
 pub(crate) fn set_buf(s: &UnixStream, size: usize) {
-    let v = size as libc::c_int;
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: `v` is a valid c_int for the duration of the call.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let _ = crate::sys::set_int_option(s.as_raw_fd(), libc::SOL_SOCKET, opt, size as i32);
     }
 }
 
@@ -69,6 +71,12 @@ impl PairHost {
     /// Makes every socket pair use `size`-byte socket buffers (small buffers force credit stalls).
     pub fn set_socket_buffers(&self, size: usize) {
         self.shared.lock().unwrap().sock_buf = Some(size);
+    }
+
+    /// Makes guest connects relay links to a sibling (the test plays the sibling device on the
+    /// host end: the guest's REQUEST arrives there as the first frame) instead of byte streams.
+    pub fn set_relay(&self, relay: bool) {
+        self.shared.lock().unwrap().relay = relay;
     }
 
     /// Refuses (or stops refusing) guest connects.
@@ -98,6 +106,32 @@ impl PairHost {
     /// Opens a host-initiated connection to guest `port`; `prefix` plays bytes the client sent
     /// with its handshake. Returns the host end.
     pub fn connect(&self, port: u32, prefix: &[u8]) -> UnixStream {
+        self.offer(port, prefix, None, None)
+    }
+
+    /// Opens a relay link as a sibling device would: the sibling guest `src_cid`, port
+    /// `src_port`, connects to guest `port`; `prefix` plays link bytes that arrived with the
+    /// handshake line (the start of the REQUEST frame). `before` runs on the device thread right
+    /// before the device gets the link (to make two events coincide). Returns the sibling's end
+    /// of the link, on which the test plays the sibling device.
+    pub fn connect_relay(
+        &self,
+        port: u32,
+        src_cid: u64,
+        src_port: u32,
+        prefix: &[u8],
+        before: Option<Box<dyn FnOnce() + Send>>,
+    ) -> UnixStream {
+        self.offer(port, prefix, Some((src_cid, src_port)), before)
+    }
+
+    fn offer(
+        &self,
+        guest_port: u32,
+        prefix: &[u8],
+        relay_from: Option<(u64, u32)>,
+        before: Option<Box<dyn FnOnce() + Send>>,
+    ) -> UnixStream {
         let (dev, host) = UnixStream::pair().expect("socketpair");
         dev.set_nonblocking(true).expect("nonblocking");
         let mut sh = self.shared.lock().unwrap();
@@ -105,7 +139,13 @@ impl PairHost {
             set_buf(&dev, size);
             set_buf(&host, size);
         }
-        sh.incoming.push_back((dev, port, prefix.to_vec()));
+        sh.incoming.push_back(Offer {
+            stream: dev,
+            guest_port,
+            prefix: prefix.to_vec(),
+            relay_from,
+            before,
+        });
         drop(sh);
         self.wake.write(1).expect("wake");
         host
@@ -129,12 +169,17 @@ impl Backend for PairBackend {
             set_buf(&host, size);
         }
         sh.accepted.push_back((*req, host));
+        let (framing, path) = if sh.relay {
+            (Framing::Packets, Path::Sibling)
+        } else {
+            (Framing::Bytes, Path::Host)
+        };
         Ok(Outgoing {
             stream: dev,
             connected: true,
-            await_ok: false,
+            framing,
             route: RouteInfo {
-                path: Path::Host,
+                path,
                 to_host: false,
             },
         })
@@ -146,17 +191,31 @@ impl Backend for PairBackend {
 
     fn process(&mut self, _now: Instant, out: &mut Vec<Incoming<UnixStream>>) {
         let _ = self.wake.read();
-        let mut sh = self.shared.lock().unwrap();
-        while let Some((stream, guest_port, prefix)) = sh.incoming.pop_front() {
+        let offers: Vec<Offer> = self.shared.lock().unwrap().incoming.drain(..).collect();
+        for o in offers {
+            if let Some(f) = o.before {
+                f();
+            }
+            let (src_cid, src_port, reply, framing, path) = match o.relay_from {
+                None => (2, None, AcceptReply::HybridOk, Framing::Bytes, Path::Host),
+                Some((cid, port)) => (
+                    cid,
+                    Some(port),
+                    AcceptReply::None,
+                    Framing::Packets,
+                    Path::Sibling,
+                ),
+            };
             out.push(Incoming {
-                stream,
-                guest_port,
-                src_cid: 2,
-                src_port: None,
-                prefix,
-                reply: AcceptReply::HybridOk,
+                stream: o.stream,
+                guest_port: o.guest_port,
+                src_cid,
+                src_port,
+                prefix: o.prefix,
+                reply,
+                framing,
                 route: RouteInfo {
-                    path: Path::Host,
+                    path,
                     to_host: false,
                 },
             });

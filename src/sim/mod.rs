@@ -3,17 +3,29 @@
 //! [`SimGuest`] is the driver side of a virtio-vsock device over real guest memory
 //! ([`GuestMemoryMmap`](vm_memory::GuestMemoryMmap) with two regions, so buffers can straddle
 //! them): it writes descriptor tables and avail rings, posts 4 KiB single-descriptor RX buffers
-//! as Linux ≥ 6.2 does, sends TX packets as a header descriptor plus several data descriptors,
-//! keeps the credit accounting of a Linux socket, kicks the device through its real kick
-//! [`EventFd`]s and waits for its interrupt [`EventFd`]. [`PairBackend`] gives the device real Unix
-//! socket pairs as host streams.
+//! as Linux ≥ 6.2 does (or split ones as Linux ≤ 6.1 does, [`RxLayout`], in `rx`), sends TX
+//! packets as a header descriptor plus several data descriptors, keeps the credit accounting of
+//! a Linux socket, kicks the device through its real kick [`EventFd`]s and waits for its
+//! interrupt [`EventFd`]. [`PairBackend`] gives the device real Unix socket pairs as host
+//! streams. The socket API of the guest (connect, send, recv, ...) is in
+//! `sockets`.
+//!
+//! [`SimGuest::new_recycled`] and [`SimGuest::with_device_recycled`] take the guest memory from
+//! a per-thread pool instead of mapping a fresh one (see `memory`), for fuzzing: a recycled
+//! memory has its rings rewritten and every page the last guest and device wrote zeroed.
 
 pub(crate) mod backend;
+mod drive;
+mod guards;
+mod memory;
 mod queue;
+mod rx;
 mod socket;
+mod sockets;
 
 pub use backend::{PairBackend, PairHost};
 pub use queue::{Buf, DriverQueue, RawDesc};
+pub use rx::RxLayout;
 pub use socket::{SimSock, SockState};
 
 use std::collections::{HashMap, VecDeque};
@@ -28,9 +40,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::Backend;
-use crate::device::packet::{op, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
 use crate::device::virtio::{ActivateContext, EventFdInterrupt, GuestMemory, VirtioDevice};
 use crate::device::{DeviceConfig, VsockDevice};
+use crate::wire::{Header, HEADER_LEN};
 
 /// Size of the simulated guest memory.
 pub const MEM_SIZE: u64 = 64 << 20;
@@ -42,6 +54,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_BUF_PAYLOAD: u32 = 4096;
 
 const RX_BUFS: u64 = 0x10_0000;
+/// Room of each RX buffer: header and payload.
+const RX_BUF_LEN: u32 = HEADER_LEN as u32 + RX_BUF_PAYLOAD;
 const RX_STRIDE: u64 = 0x1040;
 const TX_BUFS: u64 = 0x180_0000;
 const TX_STRIDE: u64 = 0x1_1000;
@@ -80,6 +94,11 @@ pub struct SimGuest {
     pub buf_alloc: u32,
     /// How TX packets are laid out.
     pub layout: TxLayout,
+    /// How RX buffers are laid out (for the buffers posted from now on).
+    pub rx_layout: RxLayout,
+    /// For each RX chain head, the descriptor that holds its payload (the head itself when
+    /// whole).
+    rx_data: Vec<u16>,
     /// Sockets by local port.
     pub socks: HashMap<u32, SimSock>,
     listening: Vec<u32>,
@@ -94,21 +113,45 @@ pub struct SimGuest {
     /// Whether packets for unknown sockets are answered with RST, as Linux does (tests of a
     /// silent or hostile guest turn it off).
     pub answer_unknown: bool,
+    /// Whether a socket answers the peer's SHUTDOWN(RCV|SEND) with RST even while it holds
+    /// unread bytes (default). Linux answers at once only when nothing is unread; otherwise it
+    /// resets when the application closes: turn this off to model that.
+    pub reset_with_unread: bool,
+    /// Runs the device when it has no thread of its own (see [`SimGuest::drive_with`]).
+    driver: Option<Box<dyn drive::Drive>>,
+    /// Sockets whose peer closed them (SHUTDOWN with both flags) and whose port a new
+    /// connection from the same peer took since: Linux drops such a socket from its tables at
+    /// once, while the application may still hold it.
+    pub detached: Vec<SimSock>,
     rx_posted: usize,
+    /// Where a recycled memory's written pages are marked (`None`: a fresh memory).
+    marks: Option<memory::Marks>,
+    /// Room for one RX payload while it is read.
+    rx_buf: Vec<u8>,
 }
 
 impl SimGuest {
     /// A guest with CID `cid` and the queues, kick fds and interrupt fd a transport would hand a
     /// device on activation.
     pub fn new(cid: u64) -> (SimGuest, ActivateContext) {
-        let mem = GuestMemory::from_ranges(&[
-            (GuestAddress(0), REGION_SPLIT as usize),
-            (
-                GuestAddress(REGION_SPLIT),
-                (MEM_SIZE - REGION_SPLIT) as usize,
-            ),
-        ])
-        .expect("guest memory");
+        SimGuest::build(cid, memory::fresh(), None)
+    }
+
+    /// As [`SimGuest::new`], over a guest memory of this thread's pool: one that no guest or
+    /// device holds any more, with every page they marked as written zeroed, or a fresh one.
+    /// Whoever writes [`SimGuest::mem`] other than through the guest's methods must mark it
+    /// ([`SimGuest::mark_written`]), or the next guest may read it.
+    pub fn new_recycled(cid: u64) -> (SimGuest, ActivateContext) {
+        let lease = memory::take();
+        SimGuest::build(cid, lease.mem, Some(lease.marks))
+    }
+
+    fn build(
+        cid: u64,
+        mem: GuestMemory,
+        marks: Option<memory::Marks>,
+    ) -> (SimGuest, ActivateContext) {
+        // The rings are written whole, whatever a recycled memory held.
         let rxq = DriverQueue::new(&mem, QUEUE_SIZE, 0x1000, 0x2000, 0x3000);
         let txq = DriverQueue::new(&mem, QUEUE_SIZE, 0x4000, 0x5000, 0x6000);
         let evq = DriverQueue::new(&mem, QUEUE_SIZE, 0x7000, 0x8000, 0x9000);
@@ -142,6 +185,8 @@ impl SimGuest {
             irq,
             buf_alloc: 256 * 1024,
             layout: TxLayout::Fragments(vec![1000, 3000]),
+            rx_layout: RxLayout::Whole,
+            rx_data: rx::whole_chains(),
             socks: HashMap::new(),
             listening: Vec::new(),
             accepted: VecDeque::new(),
@@ -150,8 +195,14 @@ impl SimGuest {
             received: Vec::new(),
             violations: Vec::new(),
             answer_unknown: true,
+            reset_with_unread: true,
+            driver: None,
+            detached: Vec::new(),
             rx_posted: 0,
+            marks,
+            rx_buf: vec![0; RX_BUF_PAYLOAD as usize],
         };
+        g.write_guards();
         g.post_event_buffers();
         g.fill_rx();
         g.rxq.want_interrupt(&g.mem);
@@ -165,7 +216,23 @@ impl SimGuest {
         cfg: DeviceConfig,
         backend: B,
     ) -> (SimGuest, VsockDevice<B>) {
-        let (g, ctx) = SimGuest::new(cfg.guest_cid);
+        SimGuest::activate(SimGuest::new(cfg.guest_cid), cfg, backend)
+    }
+
+    /// As [`SimGuest::with_device`], over a recycled guest memory (see
+    /// [`SimGuest::new_recycled`]).
+    pub fn with_device_recycled<B: Backend + 'static>(
+        cfg: DeviceConfig,
+        backend: B,
+    ) -> (SimGuest, VsockDevice<B>) {
+        SimGuest::activate(SimGuest::new_recycled(cfg.guest_cid), cfg, backend)
+    }
+
+    fn activate<B: Backend + 'static>(
+        (g, ctx): (SimGuest, ActivateContext),
+        cfg: DeviceConfig,
+        backend: B,
+    ) -> (SimGuest, VsockDevice<B>) {
         let mut dev = VsockDevice::new(cfg, backend);
         dev.ack_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX))
             .expect("features");
@@ -185,31 +252,12 @@ impl SimGuest {
         self.kick(2);
     }
 
-    /// Posts RX buffers until the queue is full (one writable descriptor of 44 + 4096 bytes
-    /// each) and kicks the RX queue if any were added.
-    pub fn fill_rx(&mut self) {
-        let mut added = false;
-        while self.rxq.free_descs() > 0 {
-            // The buffer's place is derived from the descriptor index the queue hands out.
-            let head = self.rxq.take_descs(1).expect("free descriptor checked")[0];
-            let addr = RX_BUFS + RX_STRIDE * u64::from(head);
-            self.rxq.write_desc(
-                &self.mem,
-                head,
-                RawDesc {
-                    addr,
-                    len: HEADER_LEN as u32 + RX_BUF_PAYLOAD,
-                    flags: 2,
-                    next: 0,
-                },
-            );
-            self.rxq.track(head, &[head]);
-            self.rxq.publish(&self.mem, head);
-            self.rx_posted += 1;
-            added = true;
-        }
-        if added {
-            self.kick(0);
+    /// Marks `[addr, addr + len)` of a recycled memory as written, so that it is zeroed before
+    /// the memory's next guest (nothing to do for a fresh memory). The guest marks what it and
+    /// the device write through its queues; direct writes to [`SimGuest::mem`] need this.
+    pub fn mark_written(&self, addr: GuestAddress, len: usize) {
+        if let Some(m) = &self.marks {
+            m.mark(addr.0, len as u64);
         }
     }
 
@@ -242,6 +290,7 @@ impl SimGuest {
         self.mem
             .write_slice(payload, GuestAddress(base + HEADER_LEN as u64))
             .unwrap();
+        self.mark_written(GuestAddress(base), HEADER_LEN + payload.len());
         let at = |off: u64, len: usize| Buf {
             addr: GuestAddress(base + off),
             len: len as u32,
@@ -292,15 +341,15 @@ impl SimGuest {
     /// Waits up to `timeout` for an interrupt, then handles every used buffer. Returns whether
     /// anything was handled.
     pub fn pump(&mut self, timeout: Duration) -> bool {
-        if !self.rxq.used_pending(&self.mem) && !self.txq.used_pending(&self.mem) {
-            let mut pfd = libc::pollfd {
-                fd: self.irq.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+        if let Some(drive) = self.driver.as_mut() {
+            // No device thread: run the device until it has answered, or the time is up.
+            let (rxq, txq, mem) = (&self.rxq, &self.txq, &self.mem);
+            drive::run_for(drive.as_mut(), timeout, || {
+                rxq.used_pending(mem) || txq.used_pending(mem)
+            });
+        } else if !self.rxq.used_pending(&self.mem) && !self.txq.used_pending(&self.mem) {
             let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let _ = crate::sys::poll_one(self.irq.as_raw_fd(), libc::POLLIN, ms);
         }
         if self.irq.read().is_ok() {
             self.interrupts += 1;
@@ -309,33 +358,7 @@ impl SimGuest {
         while self.txq.pop_used(&self.mem).is_some() {
             any = true;
         }
-        let mut hdr = [0u8; HEADER_LEN];
-        let mut payload = vec![0u8; RX_BUF_PAYLOAD as usize];
-        while let Some((head, len)) = self.rxq.pop_used(&self.mem) {
-            any = true;
-            self.rx_posted -= 1;
-            let addr = GuestAddress(RX_BUFS + RX_STRIDE * u64::from(head));
-            if (len as usize) < HEADER_LEN {
-                self.violations
-                    .push(format!("RX used length {len} < header"));
-                continue;
-            }
-            self.mem.read_slice(&mut hdr, addr).unwrap();
-            let h = Header::decode(&hdr);
-            let plen = len as usize - HEADER_LEN;
-            if h.len as usize != plen {
-                self.violations
-                    .push(format!("RX used length {len} but header len {}", h.len));
-            }
-            let plen = plen.min(RX_BUF_PAYLOAD as usize);
-            self.mem
-                .read_slice(
-                    &mut payload[..plen],
-                    GuestAddress(addr.0 + HEADER_LEN as u64),
-                )
-                .unwrap();
-            self.on_packet(&h, &payload[..plen]);
-        }
+        any |= self.pop_rx();
         self.fill_rx();
         self.rxq.want_interrupt(&self.mem);
         self.txq.want_interrupt(&self.mem);
@@ -348,12 +371,12 @@ impl SimGuest {
         timeout: Duration,
         mut done: impl FnMut(&mut Self) -> bool,
     ) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = self.now() + timeout;
         loop {
             if done(self) {
                 return true;
             }
-            let now = Instant::now();
+            let now = self.now();
             if now >= deadline {
                 return false;
             }
@@ -361,239 +384,162 @@ impl SimGuest {
         }
     }
 
-    fn header(&self, s: &SimSock, op: u16, len: u32, flags: u32) -> Header {
-        Header {
-            src_cid: self.cid,
-            dst_cid: s.peer_cid,
-            src_port: s.local_port,
-            dst_port: s.peer_port,
-            len,
-            type_: sock_type::STREAM,
-            op,
-            flags,
-            buf_alloc: s.buf_alloc,
-            fwd_cnt: s.fwd_cnt,
-        }
-    }
-
-    fn send_ctl(&mut self, port: u32, op: u16, flags: u32) {
-        let Some(s) = self.socks.get(&port) else {
-            return;
-        };
-        let h = self.header(s, op, 0, flags);
-        if let Some(s) = self.socks.get_mut(&port) {
-            s.last_fwd_sent = s.fwd_cnt;
-        }
-        self.send_packet(&h, &[]);
-    }
-
-    fn on_packet(&mut self, h: &Header, payload: &[u8]) {
-        if self.received.len() < 100_000 {
-            self.received.push(*h);
-        }
-        if h.dst_cid != self.cid {
-            self.violations.push(format!(
-                "packet for CID {} reached guest {}",
-                h.dst_cid, self.cid
-            ));
-            return;
-        }
-        let port = h.dst_port;
-        let matches = self
-            .socks
-            .get(&port)
-            .is_some_and(|s| s.peer_cid == h.src_cid && s.peer_port == h.src_port);
-        if !matches {
-            if h.op == op::REQUEST
-                && self.listening.contains(&port)
-                && !self.socks.contains_key(&port)
-            {
-                let mut s = SimSock::new(port, h.src_cid, h.src_port, self.buf_alloc);
-                s.state = SockState::Established;
-                s.update_credit(h);
-                self.socks.insert(port, s);
-                self.accepted.push_back(port);
-                self.send_ctl(port, op::RESPONSE, 0);
-            } else if h.op != op::RST && self.answer_unknown {
-                // Linux answers packets for unknown sockets with RST.
-                self.send_packet(&h.rst_reply(), &[]);
-            }
-            return;
-        }
-        let mut reply = None;
-        {
-            let s = self.socks.get_mut(&port).expect("checked");
-            s.update_credit(h);
-            match (s.state, h.op) {
-                (_, op::RST) => s.state = SockState::Reset,
-                (SockState::Connecting, op::RESPONSE) => s.state = SockState::Established,
-                (SockState::Connecting, _) => {
-                    // Linux in SYN_SENT answers anything else with RST and fails connect().
-                    self.violations
-                        .push(format!("op {} before RESPONSE on port {port}", h.op));
-                    s.state = SockState::Reset;
-                    reply = Some(op::RST);
-                }
-                (SockState::Established | SockState::Closing, op::RW) => {
-                    if s.peer_shutdown & shutdown::SEND != 0 {
-                        self.violations
-                            .push(format!("RW after SHUTDOWN(SEND) on {port}"));
-                    }
-                    let buffered = s.rx.len() + payload.len();
-                    if buffered > s.buf_alloc as usize {
-                        self.violations.push(format!(
-                            "device overran guest credit on {port}: {buffered} > {}",
-                            s.buf_alloc
-                        ));
-                    }
-                    s.rx.extend(payload);
-                    s.rx_total += payload.len() as u64;
-                }
-                (_, op::SHUTDOWN) => {
-                    s.peer_shutdown |= h.flags & shutdown::BOTH;
-                    if s.peer_shutdown == shutdown::BOTH {
-                        s.state = SockState::Reset;
-                        reply = Some(op::RST);
-                    }
-                }
-                (_, op::CREDIT_REQUEST) => reply = Some(op::CREDIT_UPDATE),
-                (_, op::CREDIT_UPDATE) => {}
-                (st, o) => self
-                    .violations
-                    .push(format!("unexpected op {o} in state {st:?} on {port}")),
-            }
-        }
-        if let Some(o) = reply {
-            self.send_ctl(port, o, 0);
-        }
-    }
-
-    /// Listens on `port`: host-initiated REQUESTs to it are accepted.
-    pub fn listen(&mut self, port: u32) {
-        self.listening.push(port);
-    }
-
-    /// Waits for an accepted connection; returns its local port.
-    pub fn accept(&mut self, timeout: Duration) -> Option<u32> {
-        self.pump_until(timeout, |g| !g.accepted.is_empty());
-        self.accepted.pop_front()
-    }
-
-    /// Connects to (`cid`, `port`); returns the local port, or the final state on failure.
-    pub fn connect(&mut self, cid: u64, port: u32) -> Result<u32, SockState> {
-        let local = self.next_port;
-        self.next_port += 1;
-        self.connect_from(local, cid, port)
-    }
-
-    /// Connects from a chosen local port.
-    pub fn connect_from(&mut self, local: u32, cid: u64, port: u32) -> Result<u32, SockState> {
-        let s = SimSock::new(local, cid, port, self.buf_alloc);
-        self.socks.insert(local, s);
-        self.send_ctl(local, op::REQUEST, 0);
-        self.pump_until(Duration::from_secs(5), |g| {
-            g.socks[&local].state != SockState::Connecting
-        });
-        match self.socks[&local].state {
-            SockState::Established => Ok(local),
-            st => {
-                self.socks.remove(&local);
-                Err(st)
-            }
-        }
-    }
-
-    /// Sends all of `data` on `port`, never beyond the device's credit.
-    pub fn send(&mut self, port: u32, data: &[u8], timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let mut off = 0;
-        while off < data.len() {
-            let s = self.socks.get(&port).ok_or("no such socket")?;
-            if s.state != SockState::Established {
-                return Err(format!("socket {port} is {:?}", s.state));
-            }
-            let credit = s.peer_credit() as usize;
-            if credit == 0 {
-                if Instant::now() > deadline {
-                    return Err(format!("no credit on {port} after {timeout:?}"));
-                }
-                self.pump(Duration::from_millis(20));
-                continue;
-            }
-            let n = credit.min(MAX_PAYLOAD as usize).min(data.len() - off);
-            let h = self.header(s, op::RW, n as u32, 0);
-            let s = self.socks.get_mut(&port).expect("checked");
-            s.tx_cnt = s.tx_cnt.wrapping_add(n as u32);
-            s.last_fwd_sent = s.fwd_cnt;
-            self.send_packet(&h, &data[off..off + n]);
-            off += n;
-            self.pump(Duration::ZERO);
-        }
-        Ok(())
-    }
-
-    /// Takes up to `max` received bytes from `port`, and sends a credit update the way Linux
-    /// does when the device's view of our free space gets low.
-    pub fn recv(&mut self, port: u32, max: usize) -> Vec<u8> {
-        let Some(s) = self.socks.get_mut(&port) else {
-            return Vec::new();
-        };
-        let n = max.min(s.rx.len());
-        let out: Vec<u8> = s.rx.drain(..n).collect();
-        s.fwd_cnt = s.fwd_cnt.wrapping_add(n as u32);
-        let free = s.buf_alloc - s.fwd_cnt.wrapping_sub(s.last_fwd_sent).min(s.buf_alloc);
-        if n > 0 && free < MAX_PAYLOAD {
-            self.send_ctl(port, op::CREDIT_UPDATE, 0);
-        }
-        out
-    }
-
-    /// Receives until `n` bytes arrived, end of stream, or `timeout`.
-    pub fn recv_exact(&mut self, port: u32, n: usize, timeout: Duration) -> Vec<u8> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n && Instant::now() < deadline {
-            let got = self.recv(port, n - out.len());
-            if got.is_empty() {
-                let eof = self.socks.get(&port).is_none_or(|s| s.eof());
-                if eof {
-                    break;
-                }
-                self.pump(Duration::from_millis(20));
-            }
-            out.extend(got);
-        }
-        out
-    }
-
-    /// Sends SHUTDOWN with `flags` on `port`.
-    pub fn shutdown(&mut self, port: u32, flags: u32) {
-        if let Some(s) = self.socks.get_mut(&port) {
-            s.local_shutdown |= flags;
-            s.state = if s.state == SockState::Established && flags == shutdown::BOTH {
-                SockState::Closing
-            } else {
-                s.state
-            };
-        }
-        self.send_ctl(port, op::SHUTDOWN, flags);
-    }
-
-    /// Closes `port` like Linux `close()`: SHUTDOWN(RCV|SEND), then waits (bounded) for the
-    /// device's RST. Returns whether the RST came.
-    pub fn close(&mut self, port: u32, timeout: Duration) -> bool {
-        self.shutdown(port, shutdown::BOTH);
-        let ok = self.pump_until(timeout, |g| {
-            g.socks
-                .get(&port)
-                .is_none_or(|s| s.state == SockState::Reset)
-        });
-        self.socks.remove(&port);
-        ok
-    }
-
     /// RX buffers currently posted.
     pub fn rx_posted(&self) -> usize {
         self.rx_posted
+    }
+}
+
+/// Where the RX buffer of descriptor `head` lies.
+fn rx_buf_addr(head: u16) -> GuestAddress {
+    GuestAddress(RX_BUFS + RX_STRIDE * u64::from(head))
+}
+
+impl Drop for SimGuest {
+    /// Marks in a recycled memory what the device may have written that the guest never read.
+    fn drop(&mut self) {
+        let Some(marks) = self.marks.take() else {
+            return;
+        };
+        marks.mark(EVT_BUFS, 8 * 8);
+        // `self.mem` is the one clone the guest holds; any other is a device's or a test's.
+        let device_alive = marks.shared_beyond(1);
+        let mut unread = 0;
+        while let Some((head, _)) = self.rxq.pop_used(&self.mem) {
+            marks.mark(rx_buf_addr(head).0, u64::from(RX_BUF_LEN));
+            let data = self.rx_data[usize::from(head)];
+            if data != head {
+                marks.mark(rx_buf_addr(data).0, u64::from(RX_BUF_LEN));
+            }
+            unread += 1;
+            if unread > QUEUE_SIZE {
+                break;
+            }
+        }
+        if device_alive || unread > QUEUE_SIZE {
+            // It may still write, or wrote more than the ring holds: every RX buffer.
+            marks.mark(RX_BUFS, RX_STRIDE * u64::from(QUEUE_SIZE));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::device::RunMode;
+
+    fn read(mem: &GuestMemory, at: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+        v
+    }
+
+    /// A recycled guest over an in-thread device: connects, sends and receives a little.
+    fn one_run(unmarked: u64) -> GuestMemory {
+        let mut cfg = DeviceConfig::new(3);
+        cfg.run = RunMode::External;
+        let (backend, host) = PairBackend::new();
+        let (mut g, mut dev) = SimGuest::with_device_recycled(cfg, backend);
+        g.drive_with(dev.subscriber().expect("external mode"), false);
+        let t = Duration::from_secs(5);
+        let port = g.connect(2, 7).expect("connected");
+        let (_, mut stream) = host.accept(t).expect("host end");
+        g.send(port, &[0x5a; 3000], t).unwrap();
+        let mut got = vec![0u8; 3000];
+        stream.read_exact(&mut got).unwrap();
+        stream.write_all(&[0xa5; 2000]).unwrap();
+        assert_eq!(g.recv_exact(port, 2000, t), vec![0xa5; 2000]);
+        // Written behind the guest's back, and marked (the first) or not (the second).
+        g.mem
+            .write_slice(&[0xcc; 4], GuestAddress(0x300_0000))
+            .unwrap();
+        g.mark_written(GuestAddress(0x300_0000), 4);
+        g.mem
+            .write_slice(&[0xdd; 4], GuestAddress(unmarked))
+            .unwrap();
+        assert!(g.violations.is_empty(), "{:?}", g.violations);
+        let mem = g.mem.clone();
+        assert!(dev.reset());
+        drop(g);
+        mem
+    }
+
+    #[test]
+    fn a_write_past_an_rx_buffer_is_seen() {
+        let (g, _ctx) = SimGuest::new(3);
+        assert_eq!(g.guards_intact(), Ok(()));
+        let past = rx_buf_addr(7).0 + u64::from(RX_BUF_LEN) + 3;
+        g.mem.write_slice(&[0], GuestAddress(past)).unwrap();
+        let err = g.guards_intact().expect_err("a written gap");
+        assert!(err.contains("past RX buffer 7"), "{err}");
+    }
+
+    #[test]
+    fn a_write_past_a_split_chains_header_descriptor_is_seen() {
+        let (g, _ctx) = SimGuest::new(3);
+        g.write_header_guard(9);
+        assert!(g.header_guard_intact(9));
+        let past = rx_buf_addr(9).0 + HEADER_LEN as u64;
+        g.mem.write_slice(&[0], GuestAddress(past)).unwrap();
+        assert!(!g.header_guard_intact(9));
+    }
+
+    #[test]
+    fn a_recycled_guest_sees_zeros_where_the_last_one_wrote() {
+        let unmarked = REGION_SPLIT + 0x10_0000;
+        let first = one_run(unmarked);
+        let tx = read(&first, TX_BUFS, HEADER_LEN + 3000);
+        assert!(tx.contains(&0x5a), "the TX payload was in memory");
+        let rx = (0..u64::from(QUEUE_SIZE)).any(|h| {
+            read(&first, RX_BUFS + RX_STRIDE * h + 44, 4)
+                .iter()
+                .all(|&b| b == 0xa5)
+        });
+        assert!(rx, "the RX payload was in memory");
+        drop(first);
+        let (g, _ctx) = SimGuest::new_recycled(3);
+        assert_eq!(
+            read(&g.mem, unmarked, 4),
+            vec![0xdd; 4],
+            "the same memory, recycled (unmarked pages are kept)"
+        );
+        let rx_zeroed = (0..QUEUE_SIZE).all(|h| {
+            let buf = read(&g.mem, rx_buf_addr(h).0, RX_BUF_LEN as usize);
+            buf.iter().all(|&b| b == 0)
+        });
+        assert!(rx_zeroed, "RX buffers zeroed");
+        assert_eq!(
+            g.guards_intact(),
+            Ok(()),
+            "the gaps hold the guard bytes again"
+        );
+        let tx_area = read(&g.mem, TX_BUFS, 4 * TX_STRIDE as usize);
+        assert!(tx_area.iter().all(|&b| b == 0), "TX buffers zeroed");
+        assert_eq!(
+            read(&g.mem, 0x300_0000, 4),
+            vec![0; 4],
+            "marked page zeroed"
+        );
+        // The rings are as a fresh guest writes them: compare with one.
+        let (fresh, _ctx) = SimGuest::new(3);
+        assert_eq!(read(&g.mem, 0, 0xa000), read(&fresh.mem, 0, 0xa000));
+        assert_eq!(g.rx_posted(), usize::from(QUEUE_SIZE));
+    }
+
+    #[test]
+    fn a_guest_whose_device_lives_on_marks_every_rx_buffer() {
+        let (backend, _host) = PairBackend::new();
+        let (g, dev) = SimGuest::with_device_recycled(DeviceConfig::new(3), backend);
+        let mem = g.mem.clone();
+        drop(g);
+        // The device thread could still write any RX buffer.
+        let last = rx_buf_addr(QUEUE_SIZE - 1).0 + u64::from(RX_BUF_LEN) - 1;
+        mem.write_slice(&[0xee], GuestAddress(last)).unwrap();
+        drop(dev);
+        drop(mem);
+        let (g, _ctx) = SimGuest::new_recycled(3);
+        assert_eq!(read(&g.mem, last, 1), vec![0]);
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::device::virtio::GuestMemory;
+use crate::vq::GuestMemory;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -31,6 +31,18 @@ pub struct RawDesc {
     pub flags: u16,
     /// Next index.
     pub next: u16,
+}
+
+impl RawDesc {
+    /// The descriptor as the 16 bytes of the table.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&self.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&self.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        raw[14..].copy_from_slice(&self.next.to_le_bytes());
+        raw
+    }
 }
 
 /// Driver-side state of one queue.
@@ -83,10 +95,28 @@ impl DriverQueue {
     /// Writes descriptor `i`.
     pub fn write_desc(&self, mem: &GuestMemory, i: u16, d: RawDesc) {
         let at = self.desc.unchecked_add(16 * u64::from(i));
-        mem.write_obj(d.addr, at).unwrap();
-        mem.write_obj(d.len, at.unchecked_add(8)).unwrap();
-        mem.write_obj(d.flags, at.unchecked_add(12)).unwrap();
-        mem.write_obj(d.next, at.unchecked_add(14)).unwrap();
+        mem.write_slice(&d.encode(), at).unwrap();
+    }
+
+    /// Writes descriptors, each run of consecutive indices with one memory access.
+    pub fn write_descs(&self, mem: &GuestMemory, descs: &[(u16, RawDesc)]) {
+        let mut run: Vec<u8> = Vec::with_capacity(16 * descs.len());
+        let mut first = 0u16;
+        for (k, &(i, d)) in descs.iter().enumerate() {
+            if k > 0 && u32::from(i) != u32::from(descs[k - 1].0) + 1 {
+                mem.write_slice(&run, self.desc.unchecked_add(16 * u64::from(first)))
+                    .unwrap();
+                run.clear();
+            }
+            if run.is_empty() {
+                first = i;
+            }
+            run.extend_from_slice(&d.encode());
+        }
+        if !run.is_empty() {
+            mem.write_slice(&run, self.desc.unchecked_add(16 * u64::from(first)))
+                .unwrap();
+        }
     }
 
     /// Posts a chain made of `bufs`; returns its head index, or `None` when descriptors ran out.
@@ -119,10 +149,35 @@ impl DriverQueue {
     /// Puts `head` into the avail ring and publishes the new index, with the barrier a driver
     /// needs between the two.
     pub fn publish(&mut self, mem: &GuestMemory, head: u16) {
+        self.stage(mem, head);
+        self.commit(mem);
+    }
+
+    /// Puts `head` into the avail ring without publishing it yet (see [`DriverQueue::commit`]).
+    pub fn stage(&mut self, mem: &GuestMemory, head: u16) {
         let slot = self.avail_idx % self.size;
         mem.write_obj(head, self.avail.unchecked_add(4 + 2 * u64::from(slot)))
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// [`DriverQueue::stage`] for each of `heads` in turn, the ring slots written in at most
+    /// two runs (before and after the ring wraps).
+    pub fn stage_all(&mut self, mem: &GuestMemory, heads: &[u16]) {
+        let mut rest = heads;
+        while !rest.is_empty() {
+            let slot = self.avail_idx % self.size;
+            let n = rest.len().min(usize::from(self.size - slot));
+            let raw: Vec<u8> = rest[..n].iter().flat_map(|h| h.to_le_bytes()).collect();
+            mem.write_slice(&raw, self.avail.unchecked_add(4 + 2 * u64::from(slot)))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(n as u16);
+            rest = &rest[n..];
+        }
+    }
+
+    /// Publishes every staged head at once, as Linux does for a batch.
+    pub fn commit(&mut self, mem: &GuestMemory) {
         fence(Ordering::SeqCst);
         mem.store(
             self.avail_idx,
@@ -150,7 +205,9 @@ impl DriverQueue {
     /// Records that the hand-written chain at `head` holds `ids`, so that its used entry frees
     /// them.
     pub fn track(&mut self, head: u16, ids: &[u16]) {
-        self.chains[head as usize] = ids.to_vec();
+        let chain = &mut self.chains[head as usize];
+        chain.clear();
+        chain.extend_from_slice(ids);
     }
 
     /// Asks for an interrupt on the next used buffer (EVENT_IDX `used_event`).
@@ -190,5 +247,50 @@ impl DriverQueue {
             .load(self.used.unchecked_add(2), Ordering::Acquire)
             .unwrap();
         idx != self.last_used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap()
+    }
+
+    #[test]
+    fn batched_writes_are_the_single_writes() {
+        let (a, b) = (mem(), mem());
+        let mut qa = DriverQueue::new(&a, 8, 0x1000, 0x2000, 0x3000);
+        let mut qb = DriverQueue::new(&b, 8, 0x1000, 0x2000, 0x3000);
+        // Start near the end of the ring, so the slots wrap.
+        qa.force_avail_idx(&a, 5);
+        qb.force_avail_idx(&b, 5);
+        let heads = [0u16, 1, 2, 6, 4, 5];
+        let descs: Vec<(u16, RawDesc)> = heads
+            .iter()
+            .map(|&i| {
+                let d = RawDesc {
+                    addr: 0x1_0000_0000 * u64::from(i) + 7,
+                    len: 100 + u32::from(i),
+                    flags: 2,
+                    next: i ^ 3,
+                };
+                (i, d)
+            })
+            .collect();
+        for &(i, d) in &descs {
+            qa.write_desc(&a, i, d);
+            qa.stage(&a, i);
+        }
+        qb.write_descs(&b, &descs);
+        qb.stage_all(&b, &heads);
+        let read = |m: &GuestMemory| {
+            let mut v = vec![0u8; 0x3000];
+            m.read_slice(&mut v, GuestAddress(0x1000)).unwrap();
+            v
+        };
+        assert_eq!(read(&a), read(&b));
+        assert_eq!(qa.avail_idx, qb.avail_idx);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use crate::device::packet::{shutdown, Header};
+use crate::wire::{shutdown, Header};
 
 /// State of a guest socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

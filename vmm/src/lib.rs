@@ -3,13 +3,14 @@
 //! Layout: [`cli`] (command line and the shared option parser), [`vm`] (KVM VM, memory map,
 //! boot protocols, vCPUs), [`transport`] (virtio-mmio with ioeventfd/irqfd), [`devices`]
 //! (serial), [`api`] (REST API over a Unix socket), [`vsock`] (wiring of the vsock device),
-//! [`vmm`] (lifecycle: start, wait, tear down), [`testkit`] (tiny guests for tests).
+//! [`vmm`] (lifecycle: start, wait, tear down), [`testkit`] (tiny guests for tests; feature `testkit`).
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod cli;
 pub mod devices;
 pub mod logger;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transport;
 pub mod vm;

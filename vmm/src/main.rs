@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         }
         Ok(Command::Remote(remote)) => run_remote(&remote),
         Ok(Command::Run(config)) => {
-            vsock_vmm::logger::init(config.log_level);
+            vsock_vmm::logger::init(config.log_level, config.log_format);
             match vsock_vmm::vmm::run(&config) {
                 Ok(code) => code,
                 Err(failure) => {
@@ -40,6 +40,7 @@ fn run_remote(remote: &RemoteArgs) -> i32 {
         RemoteRequest::Ping => ("GET", "/api/v1/vmm.ping", None),
         RemoteRequest::Info => ("GET", "/api/v1/vsock", None),
         RemoteRequest::Connections => ("GET", "/api/v1/vsock/connections", None),
+        RemoteRequest::Metrics => ("GET", "/metrics", None),
         RemoteRequest::Shutdown => ("PUT", "/api/v1/vm.shutdown", None),
         RemoteRequest::Fallback(on) => (
             "PATCH",
@@ -56,7 +57,7 @@ fn run_remote(remote: &RemoteArgs) -> i32 {
             match reply.json() {
                 Ok(serde_json::Value::Null) => println!("{{\"status\":{}}}", reply.status),
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(reply.body)),
-                Err(_) => println!("{}", reply.body),
+                Err(_) => print!("{}", reply.body),
             }
             0
         }

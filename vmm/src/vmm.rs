@@ -1,9 +1,11 @@
 //! The VMM's lifecycle: check the configuration, build the VM, run the vCPUs and the API, wait
 //! for a reason to stop, tear down.
 //!
-//! Exit status: 0 on guest shutdown or reboot, `PUT /api/v1/vm.shutdown`, SIGTERM or SIGINT;
-//! the byte written to the debug-exit port; 1 on a KVM or setup error (the reason is printed);
-//! 2 on a bad option (reported before KVM is touched).
+//! Exit status: 0 on guest shutdown or reboot (the i8042 reset, or a triple fault, which is
+//! logged with the vCPU state: it is a crash unless the guest reboots with `reboot=t`),
+//! `PUT /api/v1/vm.shutdown`, SIGTERM or SIGINT; the byte written to the debug-exit port; 1 on a
+//! KVM or setup error (the reason is printed); 2 on a bad option (reported before KVM is
+//! touched).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -254,6 +256,18 @@ pub fn run(config: &VmConfig) -> Result<i32, Failure> {
                 Ok(VcpuStop::Stopped) => {}
                 Ok(VcpuStop::Reset) => exit.request(0, format!("vcpu{id}: guest reboot")),
                 Ok(VcpuStop::Shutdown) => exit.request(0, format!("vcpu{id}: guest shutdown")),
+                Ok(VcpuStop::TripleFault(state)) => {
+                    // Status 0: with `reboot=t` this is the guest's reboot. Otherwise the guest
+                    // crashed where even its fault handlers could not run; the state says where.
+                    warn!("vcpu{id}: triple fault: {state}");
+                    exit.request(
+                        0,
+                        format!(
+                            "vcpu{id}: triple fault (a reboot with reboot=t, otherwise a guest \
+                             crash) at {state}"
+                        ),
+                    )
+                }
                 Ok(VcpuStop::DebugExit(code)) => {
                     exit.request(i32::from(code), format!("vcpu{id}: debug exit {code}"))
                 }

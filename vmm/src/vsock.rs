@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use vsock_router::backend::accept::DEFAULT_MAX_PENDING;
 use vsock_router::backend::uplink::UplinkSpec;
 use vsock_router::config::VsockConfig;
 use vsock_router::device::virtio::VirtioDevice;
 use vsock_router::device::{DeviceConfig, VsockDevice};
-use vsock_router::router::connector::Router;
+use vsock_router::router::connector::{Router, RouterStats};
 use vsock_router::router::{Policy, VsockHandle};
+use vsock_router::stats::{RstReason, RstState};
 
 use crate::api::{ConnectionInfo, VsockControl, VsockCounters, VsockInfo};
 
@@ -24,9 +26,9 @@ pub struct VsockParts {
 /// Why `--vsock` was rejected. Reported before KVM is touched, with exit status 2.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockSetupError {
-    /// The configuration string is invalid (the library's `VsockConfig` error, naming the key).
-    #[error("--vsock: {0}")]
-    Config(String),
+    /// The configuration string is invalid (the library's option error, naming the key).
+    #[error("{0}")]
+    Config(#[from] vsock_router::config::ConfigError),
     /// The configuration is valid but the device's sockets could not be set up (a CID in use,
     /// a socket path that cannot be bound, an uplink that cannot be opened).
     #[error("--vsock: {0}")]
@@ -38,43 +40,67 @@ pub enum VsockSetupError {
 /// listeners (all before KVM is touched), and returns the device with the API's handle on it.
 /// The sockets are removed when the device is dropped.
 pub fn build_vsock(raw: &str) -> Result<VsockParts, VsockSetupError> {
-    let cfg: VsockConfig = raw
-        .parse()
-        .map_err(|e: vsock_router::config::ConfigError| VsockSetupError::Config(e.to_string()))?;
+    let cfg: VsockConfig = raw.parse()?;
+    raise_fd_limit_for(&cfg);
     let policy = Arc::new(Policy::new(cfg.g2h_fallback));
     let router =
         Router::new(&cfg, policy.clone()).map_err(|e| VsockSetupError::Setup(e.to_string()))?;
     let mut dev_cfg = DeviceConfig::new(cfg.cid);
     dev_cfg.max_connections = cfg.max_connections;
     dev_cfg.csm.buf_alloc = cfg.buffer_size;
+    dev_cfg.csm.request_timeout = cfg.request_timeout;
+    dev_cfg.csm.connect_timeout = cfg.connect_timeout;
+    let stats = router.stats();
     let device = VsockDevice::new(dev_cfg, router);
     let handle = VsockHandle::new(policy, device.handle());
     Ok(VsockParts {
         device: Box::new(device),
-        control: Arc::new(LibraryControl { cfg, handle }),
+        control: Arc::new(LibraryControl { cfg, handle, stats }),
     })
+}
+
+/// Descriptors the VMM needs besides the device's: its own files, the KVM fds, the API's
+/// clients.
+const VMM_FDS: usize = 256;
+
+/// Raises the soft descriptor limit to what the device may hold at once with `cfg` (one host
+/// stream per connection, and the pending handshakes of the host socket and the registry),
+/// as far as the hard limit allows; says so in the log, and warns when the hard limit is lower.
+fn raise_fd_limit_for(cfg: &VsockConfig) {
+    let want = (cfg.max_connections + 2 * DEFAULT_MAX_PENDING + cfg.listen.len() + VMM_FDS) as u64;
+    match vsock_router::sys::raise_fd_limit(want) {
+        Ok(l) if l.now < want => log::warn!(
+            "file-descriptor limit {} (hard limit {}) is below the {want} that max_connections={} \
+             may need: connections beyond it fail",
+            l.now,
+            l.hard,
+            cfg.max_connections
+        ),
+        Ok(l) if l.now > l.before => {
+            log::info!(
+                "file-descriptor limit raised from {} to {}",
+                l.before,
+                l.now
+            )
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot raise the file-descriptor limit: {e}"),
+    }
 }
 
 /// [`VsockControl`] over the library's runtime handle.
 struct LibraryControl {
     cfg: VsockConfig,
     handle: VsockHandle,
+    stats: RouterStats,
 }
 
 impl VsockControl for LibraryControl {
     fn info(&self) -> VsockInfo {
         let snapshot = self.handle.counters().snapshot();
-        let get = |name: &str| {
-            snapshot
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, v)| *v)
-        };
-        let errors: BTreeMap<String, u64> = snapshot
-            .iter()
-            .filter(|(n, _)| !n.starts_with("path_"))
-            .map(|(n, v)| (n.to_string(), *v))
-            .collect();
+        let a = snapshot.activity;
+        let activity = named(a.iter().filter(|(n, _)| !n.starts_with("path_")));
+        let errors = named(snapshot.errors.iter());
         let listen = (!self.cfg.listen.is_empty()).then(|| {
             self.cfg
                 .listen
@@ -94,11 +120,27 @@ impl VsockControl for LibraryControl {
             registry: self.cfg.registry.as_ref().map(|r| r.display().to_string()),
             listen,
             counters: VsockCounters {
-                host: get("path_host"),
-                sibling: get("path_sibling"),
-                uplink: get("path_uplink"),
-                refused: get("path_refused"),
+                host: a.path_host,
+                sibling: a.path_sibling,
+                uplink: a.path_uplink,
+                refused: a.path_refused,
+                activity,
                 errors,
+                handshakes: handshakes(&self.stats),
+                rst_sent: named(
+                    RstReason::ALL
+                        .iter()
+                        .zip(snapshot.rst_sent_by)
+                        .map(|(r, n)| (r.name(), n)),
+                ),
+                rst_received: named(
+                    RstState::ALL
+                        .iter()
+                        .zip(snapshot.rst_received_by)
+                        .map(|(s, n)| (s.name(), n)),
+                ),
+                uplink_attempts: self.stats.uplink_attempts(),
+                listen_accept_paused: self.stats.listen_paused(),
             },
         }
     }
@@ -125,4 +167,33 @@ impl VsockControl for LibraryControl {
             })
             .collect()
     }
+}
+
+/// The handshake counters of the hybrid socket (`host`) and the registry socket (`registry`).
+fn handshakes(stats: &RouterStats) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    let views = [
+        ("host", Some(&stats.host)),
+        ("registry", stats.registry.as_ref()),
+    ];
+    for (socket, view) in views {
+        let Some(s) = view.map(|v| v.stats()) else {
+            continue;
+        };
+        let counts = [
+            ("accepted", s.accepted),
+            ("completed", s.completed),
+            ("rejected", s.rejected),
+            ("timed_out", s.timed_out),
+            ("over_limit", s.over_limit),
+            ("accept_paused", s.accept_paused),
+        ];
+        out.insert(socket.to_string(), named(counts.into_iter()));
+    }
+    out
+}
+
+/// Counters by name, for the API's maps.
+fn named(it: impl Iterator<Item = (&'static str, u64)>) -> BTreeMap<String, u64> {
+    it.map(|(n, v)| (n.to_string(), v)).collect()
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use common::{kvm_available, wait_until, Scratch, SteppedVcpu};
 use vm_memory::{Bytes, GuestAddress};
-use vsock_router::device::packet::{op, sock_type, Header, HEADER_LEN};
+use vsock_router::wire::{op, sock_type, Header, HEADER_LEN};
 use vsock_vmm::api::VsockControl;
 use vsock_vmm::testkit::asm::{Asm, Cond, Label, Mode};
 use vsock_vmm::testkit::images::elf_kernel;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::{kvm_available, run_vcpu, Scratch};
 use vsock_router::device::virtio::InterruptKind;
+use vsock_router::sys::poll_one;
 use vsock_vmm::testkit::asm::{Asm, Cond, Mode};
 use vsock_vmm::testkit::device::{DeviceLog, RecordingDevice};
 use vsock_vmm::testkit::images::elf_kernel;
@@ -165,14 +166,8 @@ fn device_interrupt_reaches_the_guest_through_the_irqfd() {
         let kick = ctx.kicks[0].try_clone().unwrap();
         let interrupt = ctx.interrupt.clone();
         std::thread::spawn(move || {
-            let mut pfd = libc::pollfd {
-                fd: kick.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, 30_000) };
-            if n == 1 && kick.read().is_ok() {
+            let ready = poll_one(kick.as_raw_fd(), libc::POLLIN, 30_000).unwrap_or(0);
+            if ready & libc::POLLIN != 0 && kick.read().is_ok() {
                 interrupt.trigger(InterruptKind::UsedRing).unwrap();
             }
         });

@@ -18,10 +18,11 @@ echo fallback > /tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_1234,fork SYSTEM:'read l; echo "hi guest, the host got: $l"' &
 socat UNIX-LISTEN:/tmp/up/77_6000,fork SYSTEM:'read l; echo "uplink peer CID 77 got: $l"' &
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
-say "starting: vsock-vmm --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1"
+# Emulation is slow: generous handshake budgets ($VR_VSOCK_TIMEOUTS, see docs/testing.md).
+say "starting: vsock-vmm --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1,..."
 vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=256M \
     --cmdline "$(vr_inner_cmdline vr.scenario=demo vr.timeout=300)" \
-    --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1 \
+    --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=1,$VR_VSOCK_TIMEOUTS \
     --api-socket /tmp/api >>/tmp/inner.log 2>&1 &
 vmm=$!
 for _ in $(seq 1 600); do grep -q 'uplink stand-in answered' /tmp/inner.log && break; usleep 100000; done
@@ -48,7 +49,10 @@ fn main() -> ExitCode {
             "no hardware virtualization here: vsock-vmm runs on real KVM inside a QEMU TCG KVM host"
         }
     );
-    println!("building the guest images (cached after the first run) and vsock-vmm ...");
+    println!(
+        "checking the guest images and vsock-vmm (cached after the first run; a fresh machine \
+         builds them first, about 7 minutes on 2 cores, showing each step) ..."
+    );
     let artifacts = match ensure_artifacts() {
         Ok(a) => a,
         Err(e) => {

@@ -19,8 +19,26 @@ pub struct VsockCounters {
     pub uplink: u64,
     /// Connections refused (answered with RST).
     pub refused: u64,
-    /// Errors by kind (e.g. `"connect_failed"`, `"bad_packet"`).
+    /// What else the device did, by name (`"tx_packets"`, `"rx_packets"`, `"interrupts"`,
+    /// `"incoming"`, `"host_dropped"`, `"ended_bytes_to_host"`, `"credit_stalls"`, `"wakeups"`,
+    /// `"busy_ns"`, ...: every activity counter of `vsock_router::stats`).
+    pub activity: BTreeMap<String, u64>,
+    /// Errors by kind (e.g. `"connect_failed"`, `"bad_len"`), and nothing else.
     pub errors: BTreeMap<String, u64>,
+    /// Handshakes of host-side clients by socket (`"host"`: the hybrid socket, `"registry"`:
+    /// siblings) and outcome (`"accepted"`, `"completed"`, `"rejected"`, `"timed_out"`,
+    /// `"over_limit"`, `"accept_paused"`).
+    pub handshakes: BTreeMap<String, BTreeMap<String, u64>>,
+    /// RSTs the device sent the guest, by reason (`"refused"`, `"connect_failed"`,
+    /// `"unknown_conn"`, `"invalid"`, `"conn_limit"`, `"reset"`, `"close"`).
+    pub rst_sent: BTreeMap<String, u64>,
+    /// RSTs the guest sent, by the state of the connection they ended (`"handshake"`: a
+    /// host-initiated connection the guest refused, `"open"`, `"unknown"`).
+    pub rst_received: BTreeMap<String, u64>,
+    /// Connect attempts on the uplink (refused ones in strict mode never get here).
+    pub uplink_attempts: u64,
+    /// Times a `listen=` listener paused for lack of descriptors.
+    pub listen_accept_paused: u64,
 }
 
 /// The device's configuration and state (`GET /api/v1/vsock`).

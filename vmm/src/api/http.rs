@@ -18,6 +18,8 @@ pub struct Request {
     pub path: String,
     /// The body (`Content-Length` bytes).
     pub body: Vec<u8>,
+    /// The `Accept` header, if any (as text; `GET /metrics` picks its format by it).
+    pub accept: Option<String>,
 }
 
 /// The outcome of parsing a buffer that may hold only part of a request.
@@ -81,7 +83,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed, HttpError> {
     }
     let path = target.split('?').next().unwrap_or_default().to_string();
     let mut content_length: Option<usize> = None;
+    let mut accept = None;
     for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("accept") {
+            accept = Some(String::from_utf8_lossy(h.value).into_owned());
+        }
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(HttpError::TransferEncoding);
         }
@@ -115,8 +121,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed, HttpError> {
         method,
         path,
         body: buf[head_len..head_len + body_len].to_vec(),
+        accept,
     }))
 }
+
+/// The content type of JSON bodies.
+pub const JSON: &str = "application/json";
 
 /// A response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +137,8 @@ pub struct Response {
     pub body: Option<String>,
     /// The `Allow` header of a 405.
     pub allow: Option<String>,
+    /// The `Content-Type` of the body.
+    pub content_type: &'static str,
 }
 
 impl Response {
@@ -138,6 +150,7 @@ impl Response {
             status,
             body: Some(body),
             allow: None,
+            content_type: JSON,
         }
     }
 
@@ -147,6 +160,17 @@ impl Response {
             status,
             body: None,
             allow: None,
+            content_type: JSON,
+        }
+    }
+
+    /// A 200 response with a text body of type `content_type`.
+    pub fn text(content_type: &'static str, body: String) -> Self {
+        Response {
+            status: 200,
+            body: Some(body),
+            allow: None,
+            content_type,
         }
     }
 
@@ -167,7 +191,7 @@ impl Response {
         }
         let body = self.body.as_deref().unwrap_or("");
         if self.body.is_some() {
-            head.push_str("Content-Type: application/json\r\n");
+            head.push_str(&format!("Content-Type: {}\r\n", self.content_type));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         let mut out = head.into_bytes();

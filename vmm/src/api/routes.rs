@@ -15,6 +15,8 @@ pub const VSOCK: &str = "/api/v1/vsock";
 pub const CONNECTIONS: &str = "/api/v1/vsock/connections";
 /// `PUT` — shut the VMM down.
 pub const SHUTDOWN: &str = "/api/v1/vm.shutdown";
+/// `GET` — the vsock device's metrics in the Prometheus text format.
+pub const METRICS: &str = "/metrics";
 
 /// Every route and its methods.
 pub const ROUTES: &[(&str, &[&str])] = &[
@@ -22,6 +24,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     (VSOCK, &["GET", "PATCH"]),
     (CONNECTIONS, &["GET"]),
     (SHUTDOWN, &["PUT"]),
+    (METRICS, &["GET"]),
 ];
 
 /// What the handlers can reach.
@@ -91,6 +94,13 @@ pub fn route(req: &Request, ctx: &ApiContext) -> (Response, Action) {
         (VSOCK, _) => (with_vsock(ctx, |v| patch_vsock(v, &req.body)), Action::None),
         (CONNECTIONS, _) => (
             with_vsock(ctx, |v| Response::json(200, &v.connections())),
+            Action::None,
+        ),
+        (METRICS, _) => (
+            with_vsock(ctx, |v| {
+                let (kind, body) = super::metrics::render(v, req.accept.as_deref());
+                Response::text(kind, body)
+            }),
             Action::None,
         ),
         _ => (Response::error(500, "route without handler"), Action::None),

@@ -1,7 +1,7 @@
 //! Serves the API on a Unix socket, on its own thread.
 //!
 //! Each connection carries one request (`Connection: close`). The thread never blocks on a
-//! client: every socket is non-blocking and one `poll(2)` loop ([`super::conn`]) serves up to
+//! client: every socket is non-blocking and one `poll(2)` loop (`conn.rs`) serves up to
 //! [`MAX_CLIENTS`] connections at once, so a slow, stalled or hostile client does not delay the
 //! others. Each connection is bounded in size by the parser's limits and in time by
 //! [`REQUEST_TIMEOUT`] (to send its request, then again to read the answer); when

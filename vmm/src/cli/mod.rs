@@ -1,21 +1,21 @@
 //! The command line: `vsock-vmm [options]` to run a VM, `vsock-vmm remote ...` to talk to one.
 //!
 //! Parsing never touches KVM or the file system, so every bad option is reported (exit status 2)
-//! before anything is created. Option groups use the shared [`options::OptionParser`].
-
-pub mod options;
+//! before anything is created. Option groups use the library's shared
+//! [`vsock_router::config::options::OptionParser`].
 
 use std::path::PathBuf;
 
-use options::{parse_size, parse_u32, OptionError, OptionParser};
+use vsock_router::config::options::{parse_size, parse_u32, OptionError, OptionParser};
 
 use crate::vm::layout;
 
 /// Exit status for command-line errors.
 pub const USAGE_EXIT_CODE: i32 = 2;
 
-/// The default guest command line; `--cmdline` is appended to it.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=1 pci=off";
+/// The default guest command line; `--cmdline` is appended to it. `reboot=k` (as Firecracker's):
+/// the guest reboots through the i8042 reset, so a triple fault is a crash, logged as one.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// The help text printed by `--help`.
 pub const HELP: &str = "\
@@ -23,7 +23,7 @@ vsock-vmm: a small rust-vmm VMM with the vsock-router virtio-vsock device
 
 USAGE:
     vsock-vmm --kernel PATH [OPTIONS]
-    vsock-vmm remote --api-socket PATH <ping|info|fallback on|off|connections|shutdown>
+    vsock-vmm remote --api-socket PATH <ping|info|fallback on|off|connections|metrics|shutdown>
 
 OPTIONS:
     --kernel PATH          Guest kernel: ELF vmlinux (booted through its PVH entry when it has
@@ -32,7 +32,7 @@ OPTIONS:
     --initramfs PATH       Initramfs loaded at the top of guest RAM.
                            Example: --initramfs /var/lib/vsock/initramfs.cpio.gz
     --cmdline STR          Appended to the default command line
-                           \"console=ttyS0 reboot=t panic=1 pci=off\".
+                           \"console=ttyS0 reboot=k panic=1 pci=off\".
                            Example: --cmdline \"quiet tsc_early_khz=2300000\"
     --cpus boot=N          Number of vCPUs, 1 to 32 (default 1).
                            Example: --cpus boot=2
@@ -54,11 +54,19 @@ OPTIONS:
                              max_connections (default 1023), buffer_size (default 262144)
                              handshake_timeout_ms  time a client of socket/registry has to
                                       send its CONNECT line, 10 to 600000 (default 5000)
+                             request_timeout_ms  time the guest has to answer a host-initiated
+                                      connection, 10 to 600000 (default 2000)
+                             connect_timeout_ms  time a host-side connect (a sibling's answer
+                                      included) may take, 10 to 600000 (default 2000)
                            Example: --vsock cid=3,socket=/tmp/vm3.vsock,uplink=unix:/tmp/up,fallback=0
     --api-socket PATH      Serve the REST API (HTTP/1.1, JSON) on this Unix socket (mode 0600).
                            Example: --api-socket /tmp/vm3.api
     --log-level LEVEL      error|warn|info|debug|trace (default warn); logs go to stderr.
                            Example: --log-level info
+    --log-format FORMAT    text|json (default text): json writes one object per line, with
+                           the time and the fields of each record (a connection's path,
+                           bytes, duration, ...).
+                           Example: --log-format json
     -h, --help             Print this help.
     -V, --version          Print the version.
 
@@ -67,10 +75,12 @@ REMOTE:
     vsock-vmm remote --api-socket PATH info            GET /api/v1/vsock
     vsock-vmm remote --api-socket PATH fallback on     PATCH /api/v1/vsock {\"g2h_fallback\": true}
     vsock-vmm remote --api-socket PATH connections     GET /api/v1/vsock/connections
+    vsock-vmm remote --api-socket PATH metrics         GET /metrics (Prometheus text)
     vsock-vmm remote --api-socket PATH shutdown        PUT /api/v1/vm.shutdown
 
 The guest may write a byte V to I/O port 0xf4 to make the VMM exit with status V (debug exit).
-Guest reboot (i8042 reset, triple fault) and shutdown end the VMM with status 0.
+Guest reboot (i8042 reset, triple fault) and shutdown end the VMM with status 0; a triple
+fault is logged with the vCPU state (a crash, unless the guest was booted with reboot=t).
 ";
 
 /// Why the command line was rejected.
@@ -135,6 +145,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// The log level.
     pub log_level: log::LevelFilter,
+    /// `--log-format`.
+    pub log_format: crate::logger::LogFormat,
 }
 
 /// A request of `vsock-vmm remote`.
@@ -148,6 +160,8 @@ pub enum RemoteRequest {
     Fallback(bool),
     /// `GET /api/v1/vsock/connections`.
     Connections,
+    /// `GET /metrics`.
+    Metrics,
     /// `PUT /api/v1/vm.shutdown`.
     Shutdown,
 }
@@ -197,6 +211,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Command, CliError> {
     let mut vsock = None;
     let mut api_socket = None;
     let mut log_level = None;
+    let mut log_format = None;
     let mut it = args.iter();
     while let Some(&arg) = it.next() {
         match arg {
@@ -211,6 +226,11 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Command, CliError> {
             "--vsock" => set_once(&mut vsock, arg, value(&mut it, arg)?.to_string())?,
             "--api-socket" => set_once(&mut api_socket, arg, value(&mut it, arg)?)?,
             "--log-level" => set_once(&mut log_level, arg, parse_log_level(value(&mut it, arg)?)?)?,
+            "--log-format" => set_once(
+                &mut log_format,
+                arg,
+                parse_log_format(value(&mut it, arg)?)?,
+            )?,
             other => return Err(CliError::UnknownArgument(other.to_string())),
         }
     }
@@ -243,6 +263,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Command, CliError> {
             .map(|p| non_empty_path("--api-socket", p))
             .transpose()?,
         log_level: log_level.unwrap_or(log::LevelFilter::Warn),
+        log_format: log_format.unwrap_or_default(),
     })))
 }
 
@@ -318,7 +339,7 @@ pub fn parse_serial(input: &str) -> Result<SerialMode, CliError> {
         .count();
     if chosen != 1 {
         return Err(OptionError::Malformed {
-            option: "serial".into(),
+            option: "serial",
             item: input.to_string(),
         }
         .into());
@@ -336,6 +357,19 @@ pub fn parse_serial(input: &str) -> Result<SerialMode, CliError> {
             }
         })?;
         Ok(SerialMode::File(path))
+    }
+}
+
+/// Parses `--log-format`.
+pub fn parse_log_format(input: &str) -> Result<crate::logger::LogFormat, CliError> {
+    match input {
+        "text" => Ok(crate::logger::LogFormat::Text),
+        "json" => Ok(crate::logger::LogFormat::Json),
+        other => Err(CliError::InvalidValue {
+            option: "--log-format".into(),
+            value: other.to_string(),
+            reason: "expected text or json".into(),
+        }),
     }
 }
 
@@ -376,6 +410,7 @@ fn parse_remote(args: &[&str]) -> Result<RemoteArgs, CliError> {
         ["ping"] => RemoteRequest::Ping,
         ["info"] => RemoteRequest::Info,
         ["connections"] => RemoteRequest::Connections,
+        ["metrics"] => RemoteRequest::Metrics,
         ["shutdown"] => RemoteRequest::Shutdown,
         ["fallback", "on"] => RemoteRequest::Fallback(true),
         ["fallback", "off"] => RemoteRequest::Fallback(false),
@@ -388,7 +423,7 @@ fn parse_remote(args: &[&str]) -> Result<RemoteArgs, CliError> {
         }
         [] => {
             return Err(CliError::Required(
-                "a remote request (ping, info, fallback, connections, shutdown)",
+                "a remote request (ping, info, fallback, connections, metrics, shutdown)",
             ))
         }
         other => return Err(CliError::UnknownArgument(other.join(" "))),
@@ -448,6 +483,8 @@ mod tests {
             "/tmp/a",
             "--log-level",
             "debug",
+            "--log-format",
+            "json",
         ]);
         assert_eq!(cfg.initramfs, Some(PathBuf::from("/i")));
         assert_eq!(cfg.cmdline, format!("{DEFAULT_CMDLINE} quiet"));
@@ -457,6 +494,7 @@ mod tests {
         assert_eq!(cfg.vsock.as_deref(), Some("cid=3,socket=/tmp/v"));
         assert_eq!(cfg.api_socket, Some(PathBuf::from("/tmp/a")));
         assert_eq!(cfg.log_level, log::LevelFilter::Debug);
+        assert_eq!(cfg.log_format, crate::logger::LogFormat::Json);
     }
 
     #[test]
@@ -477,6 +515,7 @@ mod tests {
             "--vsock",
             "--api-socket",
             "--log-level",
+            "--log-format",
         ] {
             assert!(
                 HELP.contains(&format!("Example: {option}")),
@@ -502,15 +541,15 @@ mod tests {
         );
         assert_eq!(
             with(&["--cpus", "boot=0"]),
-            "--cpus: invalid value `0` for key `boot`: must be 1 to 32"
+            "--cpus: invalid boot=`0`: must be 1 to 32"
         );
         assert_eq!(
             with(&["--cpus", "boot=33"]),
-            "--cpus: invalid value `33` for key `boot`: must be 1 to 32"
+            "--cpus: invalid boot=`33`: must be 1 to 32"
         );
         assert_eq!(
             with(&["--cpus", "boot=x"]),
-            "--cpus: invalid value `x` for key `boot`: expected a decimal integer"
+            "--cpus: invalid boot=`x`: expected a decimal integer"
         );
         assert_eq!(
             with(&["--cpus", "max=2"]),
@@ -518,19 +557,19 @@ mod tests {
         );
         assert_eq!(
             with(&["--memory", "size=1M"]),
-            "--memory: invalid value `1M` for key `size`: must be at least 16M"
+            "--memory: invalid size=`1M`: must be at least 16M"
         );
         assert_eq!(
             with(&["--memory", "size=4G"]),
-            "--memory: invalid value `4G` for key `size`: must be at most 3G (RAM lives below the 32-bit MMIO gap)"
+            "--memory: invalid size=`4G`: must be at most 3G (RAM lives below the 32-bit MMIO gap)"
         );
         assert_eq!(
             with(&["--memory", "size=16777217"]),
-            "--memory: invalid value `16777217` for key `size`: must be a multiple of 4K"
+            "--memory: invalid size=`16777217`: must be a multiple of 4K"
         );
         assert_eq!(
             with(&["--memory", "size=lots"]),
-            "--memory: invalid value `lots` for key `size`: expected a number with an optional K, M or G suffix"
+            "--memory: invalid size=`lots`: expected a number with an optional K, M or G suffix"
         );
         assert_eq!(
             with(&["--memory", "256M"]),
@@ -546,11 +585,15 @@ mod tests {
         );
         assert_eq!(
             with(&["--serial", "file="]),
-            "--serial: invalid value `` for key `file`: empty path"
+            "--serial: key `file` needs a value (`file=...`)"
         );
         assert_eq!(
             with(&["--log-level", "loud"]),
             "--log-level: invalid value `loud`: expected error, warn, info, debug or trace"
+        );
+        assert_eq!(
+            with(&["--log-format", "xml"]),
+            "--log-format: invalid value `xml`: expected text or json"
         );
         assert_eq!(
             with(&["--api-socket", ""]),
@@ -589,6 +632,7 @@ mod tests {
             r(&with(&["connections"])).request,
             RemoteRequest::Connections
         );
+        assert_eq!(r(&with(&["metrics"])).request, RemoteRequest::Metrics);
         assert_eq!(r(&with(&["shutdown"])).request, RemoteRequest::Shutdown);
         assert_eq!(
             r(&with(&["fallback", "on"])).request,

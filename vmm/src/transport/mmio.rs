@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -376,6 +376,12 @@ impl MmioTransport {
         };
         match device.activate(ctx) {
             Ok(()) => {
+                // Logged: a guest fault after this line may involve the device, one before it
+                // cannot.
+                info!(
+                    "virtio-mmio: device type {} activated (driver features {:#x})",
+                    self.device_type, self.driver_features
+                );
                 self.activated = true;
                 true
             }

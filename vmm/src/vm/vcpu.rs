@@ -14,12 +14,97 @@ use super::bus::{Bus, PioAction};
 pub enum VcpuStop {
     /// The guest asked for a reboot (i8042 reset, or KVM's reset system event).
     Reset,
-    /// The guest shut down (triple fault, which `reboot=t` uses, or KVM's shutdown event).
+    /// The guest shut down (KVM's shutdown system event).
     Shutdown,
+    /// The vCPU triple-faulted (`KVM_EXIT_SHUTDOWN`): how a kernel booted with `reboot=t`
+    /// reboots, otherwise a guest crash too deep for its own fault handlers. The vCPU state
+    /// at that moment, for the log.
+    TripleFault(CpuState),
     /// The guest wrote this byte to the debug-exit port.
     DebugExit(u8),
     /// The VMM asked the vCPU to stop (see [`kick_signal`]).
     Stopped,
+}
+
+/// A vCPU's state where it stopped: what locates a triple fault in the guest kernel (the
+/// instruction, its stack, the last page-fault address, the tables the CPU could not use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuState {
+    /// `rip`.
+    pub rip: u64,
+    /// `rsp`.
+    pub rsp: u64,
+    /// `rflags`.
+    pub rflags: u64,
+    /// `cr0`.
+    pub cr0: u64,
+    /// `cr2`: the last page-fault address.
+    pub cr2: u64,
+    /// `cr3`: the page-table root.
+    pub cr3: u64,
+    /// `cr4`.
+    pub cr4: u64,
+    /// The IDT's base and limit.
+    pub idt: (u64, u16),
+    /// The code segment's selector.
+    pub cs: u16,
+}
+
+impl CpuState {
+    /// Reads the state of a stopped vCPU; what cannot be read stays 0 (it is only logged).
+    pub fn read(fd: &VcpuFd) -> CpuState {
+        let mut state = CpuState::default();
+        match fd.get_regs() {
+            Ok(r) => (state.rip, state.rsp, state.rflags) = (r.rip, r.rsp, r.rflags),
+            Err(e) => error!("cannot read the registers of a stopped vCPU: {e}"),
+        }
+        match fd.get_sregs() {
+            Ok(s) => {
+                (state.cr0, state.cr2, state.cr3, state.cr4) = (s.cr0, s.cr2, s.cr3, s.cr4);
+                state.idt = (s.idt.base, s.idt.limit);
+                state.cs = s.cs.selector;
+            }
+            Err(e) => error!("cannot read the special registers of a stopped vCPU: {e}"),
+        }
+        state
+    }
+}
+
+impl CpuState {
+    /// True for the state a vCPU has after a reset (`cs:rip` = `0xf000:0xfff0`): what KVM on AMD
+    /// leaves at a triple fault, as it reinitializes the vCPU then; the crash's own state is
+    /// gone (Intel's KVM keeps it).
+    pub fn is_reset_state(&self) -> bool {
+        self.rip == 0xfff0 && self.cs == 0xf000
+    }
+}
+
+impl std::fmt::Display for CpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_reset_state() {
+            return write!(
+                f,
+                "rip={:#x} cs={:#x}: the reset state (KVM reinitializes the vCPU at a triple \
+                 fault on AMD; where the guest crashed is not known)",
+                self.rip, self.cs
+            );
+        }
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} \
+             idt={:#x}/{:#x}",
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cs,
+            self.cr0,
+            self.cr2,
+            self.cr3,
+            self.cr4,
+            self.idt.0,
+            self.idt.1
+        )
+    }
 }
 
 /// Why a vCPU failed.
@@ -133,7 +218,9 @@ impl Vcpu {
                 Step::Continue
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
-            Ok(VcpuExit::Shutdown) => Step::Done(Ok(VcpuStop::Shutdown)),
+            Ok(VcpuExit::Shutdown) => {
+                Step::Done(Ok(VcpuStop::TripleFault(CpuState::read(&self.fd))))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Step::Done(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VcpuStop::Shutdown),
                 KVM_SYSTEM_EVENT_RESET => Ok(VcpuStop::Reset),
@@ -170,4 +257,39 @@ pub fn install_kick_handler() {
             error!("cannot install the vCPU kick handler: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_logged_state_names_the_registers_or_the_reset_state() {
+        let crash = CpuState {
+            rip: 0xffff_ffff_8101_2345,
+            rsp: 0xffff_c900_0000_3f58,
+            rflags: 0x10046,
+            cr0: 0x8005_0033,
+            cr2: 0,
+            cr3: 0x2a0_c000,
+            cr4: 0x35_06f0,
+            idt: (0xffff_fe00_0000_0000, 0xfff),
+            cs: 0x10,
+        };
+        assert!(!crash.is_reset_state());
+        assert_eq!(
+            crash.to_string(),
+            "rip=0xffffffff81012345 rsp=0xffffc90000003f58 rflags=0x10046 cs=0x10 \
+             cr0=0x80050033 cr2=0x0 cr3=0x2a0c000 cr4=0x3506f0 idt=0xfffffe0000000000/0xfff"
+        );
+        let reset = CpuState {
+            rip: 0xfff0,
+            cs: 0xf000,
+            ..CpuState::default()
+        };
+        assert!(reset.is_reset_state());
+        assert!(reset
+            .to_string()
+            .starts_with("rip=0xfff0 cs=0xf000: the reset state"));
+    }
 }

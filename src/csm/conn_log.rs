@@ -1,0 +1,48 @@
+//! The log lines of connections: one at info when a connection ends (who, which path, bytes,
+//! duration, why), with the same facts as key-value fields for structured logs
+//! (`--log-format json`). Routing decisions are logged at debug where they are made (the
+//! muxer); nothing is logged per packet.
+
+use std::time::Duration;
+
+use super::conn::Conn;
+use super::types::KillReason;
+use crate::seam::RouteInfo;
+use crate::stream::VsockStream;
+
+/// The connection's one line at info when it ends: who, which path, bytes, duration, why.
+pub(super) fn ended<S: VsockStream>(
+    conn: &Conn<S>,
+    route: RouteInfo,
+    host_initiated: bool,
+    lasted: Duration,
+) {
+    if !log::log_enabled!(log::Level::Info) {
+        return;
+    }
+    let a = conn.addr();
+    let (to_host, to_guest) = conn.bytes();
+    let why = match conn.kill_reason() {
+        None | Some(KillReason::Closed) => "closed",
+        Some(KillReason::GuestReset) => "reset by the guest",
+        Some(KillReason::CreditOverrun) => "reset: the guest overran its credit",
+        Some(KillReason::Protocol) => "reset: protocol violation",
+        Some(KillReason::ConnectFailed) => "reset: the host-side connect failed",
+        Some(KillReason::Timeout) => "reset: timed out",
+        Some(KillReason::HostError) => "reset: the host stream failed",
+    };
+    let initiator = if host_initiated { "host" } else { "guest" };
+    let secs = lasted.as_secs_f64();
+    log::info!(
+        path = route.path.name(), to_host = route.to_host, initiator,
+        guest_cid = a.peer_cid, guest_port = a.peer_port,
+        peer_cid = a.local_cid, peer_port = a.local_port,
+        bytes_to_host = to_host, bytes_to_guest = to_guest, seconds = secs, end = why;
+        "vsock: connection {}:{} <-> {}:{} ({}, opened by the {initiator}) ended after {secs:.3} s: {why}; {to_host} bytes to the host side, {to_guest} to the guest",
+        a.peer_cid,
+        a.peer_port,
+        a.local_cid,
+        a.local_port,
+        route.path.name()
+    );
+}

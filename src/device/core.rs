@@ -1,0 +1,438 @@
+//! The device core: one epoll set over the queue kicks, the control channel, the backend and
+//! every host stream, and what one wake-up does ([`DeviceCore::run_once`]). It runs in whatever
+//! loop a VMM has: its own thread ([`super::worker`], Cloud Hypervisor style), an event-manager
+//! loop ([`super::subscriber`], Firecracker style), or a test's or fuzzer's own thread.
+//!
+//! Each wake-up handles all ready fds, then drains the TX queue and fills the RX queue (each
+//! within a budget so one busy connection cannot starve the rest), then raises at most one
+//! interrupt — only if the driver asked for it (EVENT_IDX or the NO_INTERRUPT flag). What is
+//! left for later is never left to chance: a wake eventfd in the set makes the next wait return
+//! at once when work remains, and a timerfd fires at the earliest connection deadline, so an
+//! outer loop that only waits for the core's fd misses nothing.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::guest_warn::GuestWarnings;
+use super::poller::{Poller, Ready, Token};
+use super::virtio::{Interrupt, InterruptKind};
+use crate::csm::muxer::{ConnInfo, Muxer};
+use crate::seam::Backend;
+use crate::stats::Counters;
+use crate::vq::{parse_tx, Chain, Direction, GuestMemory, TxError};
+use crate::wire::{Header, HEADER_LEN};
+
+/// Queue indexes of the vsock device.
+pub const RX: usize = 0;
+/// TX queue index.
+pub const TX: usize = 1;
+/// Event queue index.
+pub const EVT: usize = 2;
+
+/// Most packets handled per queue per wake-up before other fds get their turn.
+pub const DEFAULT_BUDGET: usize = 256;
+
+/// A request to a running device.
+pub enum ControlMsg {
+    /// Stop and hand back the backend.
+    Stop,
+    /// Reply with a snapshot of the live connections.
+    Connections(Sender<Vec<ConnInfo>>),
+}
+
+/// The way into a running device from other threads: a message queue and an fd that wakes it.
+pub struct Control {
+    msgs: Mutex<VecDeque<ControlMsg>>,
+    wake: EventFd,
+}
+
+impl Control {
+    /// A new control channel.
+    pub fn new() -> io::Result<Self> {
+        Ok(Control {
+            msgs: Mutex::new(VecDeque::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Queues a message and wakes the device.
+    pub fn send(&self, msg: ControlMsg) -> io::Result<()> {
+        self.msgs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(msg);
+        self.wake.write(1)
+    }
+
+    fn take(&self) -> Option<ControlMsg> {
+        self.msgs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+/// What a wake-up ended with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep running the core.
+    Continue,
+    /// A [`ControlMsg::Stop`] arrived: stop, and take the backend back
+    /// ([`DeviceCore::into_backend`]).
+    Stop,
+}
+
+/// Where the core reads the time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Clock {
+    /// The monotonic clock: always, but for simulated runs.
+    Monotonic,
+    /// A clock that stands still until the loop running the core moves it on
+    /// ([`DeviceCore::advance_clock`]); timers fire when it passes their deadline, never by
+    /// themselves (see [`DeviceCore::use_manual_clock`]).
+    Manual(Instant),
+}
+
+/// Everything a running device owns.
+pub struct DeviceCore<B: Backend> {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    interrupt: Arc<dyn Interrupt>,
+    control: Arc<Control>,
+    muxer: Muxer<B>,
+    counters: Arc<Counters>,
+    budget: usize,
+    poller: Poller,
+    ready: Vec<Ready>,
+    /// Written when work is left for the next wake-up.
+    again: EventFd,
+    /// Fires at the earliest deadline.
+    timer: TimerFd,
+    timer_at: Option<Instant>,
+    clock: Clock,
+    warnings: GuestWarnings,
+    tx_more: bool,
+    backend_ready: bool,
+}
+
+impl<B: Backend> DeviceCore<B> {
+    /// A core over activated queues (`kicks[i]` signals queue `i`), ready to run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+        interrupt: Arc<dyn Interrupt>,
+        control: Arc<Control>,
+        muxer: Muxer<B>,
+        counters: Arc<Counters>,
+        budget: usize,
+    ) -> io::Result<Self> {
+        let poller = Poller::new(64)?;
+        for (i, k) in kicks.iter().enumerate() {
+            poller.add(k.as_raw_fd(), Token::Queue(i as u16), true, false)?;
+        }
+        poller.add(control.wake.as_raw_fd(), Token::Control, true, false)?;
+        if let Some(fd) = muxer.backend().poll_fd() {
+            poller.add(fd, Token::Backend, true, false)?;
+        }
+        let again = EventFd::new(libc::EFD_NONBLOCK)?;
+        poller.add(again.as_raw_fd(), Token::Again, true, false)?;
+        let timer = TimerFd::new().map_err(io::Error::from)?;
+        poller.add(timer.as_raw_fd(), Token::Timer, true, false)?;
+        // Connections may have been offered before activation, and the driver may have queued
+        // buffers before it kicked: look once at everything.
+        again.write(1)?;
+        let warnings = GuestWarnings::new(muxer.guest_cid(), &counters);
+        Ok(DeviceCore {
+            mem,
+            queues,
+            kicks,
+            interrupt,
+            control,
+            muxer,
+            counters,
+            budget: budget.max(1),
+            poller,
+            ready: Vec::with_capacity(64),
+            again,
+            timer,
+            timer_at: None,
+            clock: Clock::Monotonic,
+            warnings,
+            tx_more: true,
+            backend_ready: true,
+        })
+    }
+
+    /// The fd to wait on (readable whenever [`DeviceCore::run_once`] has something to do).
+    pub fn poll_fd(&self) -> RawFd {
+        self.poller.as_raw_fd()
+    }
+
+    /// A snapshot of the live connections.
+    pub fn connections(&self) -> Vec<ConnInfo> {
+        self.muxer.snapshot()
+    }
+
+    /// Puts the core on a manual clock, from the present instant on: time then moves only by
+    /// [`DeviceCore::advance_clock`], and deadlines fire in the first wake-up after the clock
+    /// passed them, no longer by the timerfd. For a loop that simulates time (the fuzzer's, a
+    /// test's): waits for timers cost nothing, and a run is the same at any machine speed.
+    pub fn use_manual_clock(&mut self) -> io::Result<()> {
+        if self.clock == Clock::Monotonic {
+            self.clock = Clock::Manual(Instant::now());
+            self.timer.clear().map_err(io::Error::from)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a manual clock on by `by` (nothing on the monotonic clock); the next
+    /// [`DeviceCore::run_once`] fires what fell due.
+    pub fn advance_clock(&mut self, by: Duration) {
+        if let Clock::Manual(t) = &mut self.clock {
+            *t += by;
+        }
+    }
+
+    /// The core's time: the manual clock's, or the monotonic clock's.
+    pub fn now(&self) -> Instant {
+        match self.clock {
+            Clock::Monotonic => Instant::now(),
+            Clock::Manual(t) => t,
+        }
+    }
+
+    /// The earliest deadline of any connection or of the backend, as of the last wake-up.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timer_at
+    }
+
+    /// Gives the backend back, closing every connection.
+    pub fn into_backend(self) -> B {
+        self.muxer.into_backend()
+    }
+
+    /// One wake-up: waits up to `timeout_ms` (0: not at all, -1: until something happens) for
+    /// any fd of the core, then does all the work that is ready; see the module documentation.
+    pub fn run_once(&mut self, timeout_ms: i32) -> io::Result<Flow> {
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.clear();
+        let waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        let started = Instant::now();
+        let flow = waited.and_then(|_| self.work(&ready));
+        Counters::inc(&self.counters.wakeups);
+        let busy = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.counters.busy_ns.fetch_add(busy, Ordering::Relaxed);
+        self.ready = ready;
+        flow
+    }
+
+    fn work(&mut self, ready: &[Ready]) -> io::Result<Flow> {
+        let now = self.now();
+        let mut tx_kick = std::mem::take(&mut self.tx_more);
+        for r in ready {
+            match r.token {
+                Token::Queue(q) => {
+                    let _ = self.kicks[q as usize].read();
+                    if q as usize == TX {
+                        tx_kick = true;
+                    }
+                }
+                Token::Control => {
+                    let _ = self.control.wake.read();
+                    while let Some(msg) = self.control.take() {
+                        match msg {
+                            ControlMsg::Stop => return Ok(Flow::Stop),
+                            ControlMsg::Connections(reply) => {
+                                let _ = reply.send(self.muxer.snapshot());
+                            }
+                        }
+                    }
+                }
+                Token::Backend => self.backend_ready = true,
+                Token::Again => {
+                    let _ = self.again.read();
+                }
+                Token::Timer => {
+                    let _ = self.timer.wait();
+                    self.timer_at = None;
+                }
+                Token::Conn(id) => self.muxer.handle_ready(&self.poller, id, r.readiness, now),
+            }
+        }
+        if std::mem::take(&mut self.backend_ready) {
+            self.muxer.handle_backend(&self.poller, now);
+        }
+        self.muxer.handle_deadlines(&self.poller, now);
+        self.tx_more = tx_kick && self.process_tx(now);
+        let rx_more = self.process_rx(now);
+        self.notify();
+        if self.tx_more || rx_more {
+            self.again.write(1)?;
+        }
+        self.arm_timer(now)?;
+        self.warnings.check(&self.counters, now);
+        Ok(Flow::Continue)
+    }
+
+    /// Points the timerfd at the earliest deadline (1 ms late rather than early); on a manual
+    /// clock, only notes it.
+    fn arm_timer(&mut self, now: Instant) -> io::Result<()> {
+        let next = self.muxer.next_deadline();
+        if next == self.timer_at {
+            return Ok(());
+        }
+        self.timer_at = next;
+        if self.clock != Clock::Monotonic {
+            return Ok(());
+        }
+        let r = match next {
+            None => self.timer.clear(),
+            Some(t) => {
+                let d = t.saturating_duration_since(now) + Duration::from_millis(1);
+                self.timer.reset(d, None)
+            }
+        };
+        r.map_err(io::Error::from)
+    }
+
+    /// Drains the TX queue within the budget. Returns `true` when work was left for later.
+    fn process_tx(&mut self, now: Instant) -> bool {
+        let mem = &self.mem;
+        let q = &mut self.queues[TX];
+        let mut done = 0;
+        loop {
+            if q.event_idx_enabled() {
+                let _ = q.disable_notification(mem);
+            }
+            while done < self.budget {
+                let head = match q.iter(mem) {
+                    Ok(mut it) => match it.next() {
+                        Some(c) => c.head_index(),
+                        None => break,
+                    },
+                    Err(_) => {
+                        // The avail index ran ahead of the queue: the driver broke its ring.
+                        Counters::inc(&self.counters.bad_avail_idx);
+                        return false;
+                    }
+                };
+                done += 1;
+                Counters::inc(&self.counters.tx_packets);
+                let table = GuestAddress(q.desc_table());
+                if let Some((chain, h)) = checked_tx(mem, table, q.size(), head, &self.counters) {
+                    self.muxer.handle_tx(&self.poller, mem, &chain, &h, now);
+                }
+                // TX buffers are always returned, also after a parse error, with length 0.
+                let _ = q.add_used(mem, head, 0);
+            }
+            if done >= self.budget {
+                return true;
+            }
+            match q.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Fills RX buffers with pending packets within the budget. Returns `true` when work was
+    /// left for later even though buffers may be available.
+    fn process_rx(&mut self, now: Instant) -> bool {
+        let mem = &self.mem;
+        let q = &mut self.queues[RX];
+        let mut done = 0;
+        while self.muxer.has_rx_work() {
+            if done >= self.budget {
+                return true;
+            }
+            let head = match q.iter(mem) {
+                Ok(mut it) => it.next().map(|c| c.head_index()),
+                Err(_) => {
+                    Counters::inc(&self.counters.bad_avail_idx);
+                    return false;
+                }
+            };
+            let Some(head) = head else {
+                // Out of buffers: ask for a kick when the driver adds some, and look again in
+                // case it did so meanwhile.
+                match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => {
+                        Counters::inc(&self.counters.rx_queue_full);
+                        return false;
+                    }
+                }
+            };
+            let table = GuestAddress(q.desc_table());
+            let chain = match Chain::walk(mem, table, q.size(), head, Direction::DeviceWrites) {
+                Ok(c) if c.len() >= HEADER_LEN as u64 => c,
+                _ => {
+                    Counters::inc(&self.counters.malformed_chains);
+                    let _ = q.add_used(mem, head, 0);
+                    continue;
+                }
+            };
+            match self.muxer.fill_rx(&self.poller, mem, &chain, now) {
+                Some(len) => {
+                    let _ = q.add_used(mem, head, len);
+                    Counters::inc(&self.counters.rx_packets);
+                    done += 1;
+                }
+                None => {
+                    // Nothing to send after all: put the buffer back for later.
+                    q.go_to_previous_position();
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Raises one interrupt if either data queue has new used buffers the driver wants to hear of.
+    fn notify(&mut self) {
+        let mut needed = false;
+        for i in [RX, TX] {
+            if let Ok(true) = self.queues[i].needs_notification(&self.mem) {
+                needed = true;
+            }
+        }
+        if needed {
+            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            let _ = self.interrupt.trigger(InterruptKind::UsedRing);
+        }
+    }
+}
+
+/// Checks a TX chain and copies its header out once ([`parse_tx`]); counts and returns `None`
+/// for anything malformed.
+fn checked_tx(
+    mem: &GuestMemory,
+    table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    counters: &Counters,
+) -> Option<(Chain, Header)> {
+    match parse_tx(mem, table, queue_size, head) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            Counters::inc(&counters.malformed_chains);
+            if let TxError::BadLen(_) = e {
+                Counters::inc(&counters.bad_len);
+            }
+            None
+        }
+    }
+}
