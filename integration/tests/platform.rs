@@ -202,6 +202,44 @@ printf 'VRTEST b PASS\n' | vr_relay crashed
     assert_eq!(r.boots.len(), 1, "only the outer VRTEST-BOOT counts");
 }
 
+#[test]
+fn a_lost_nested_vmm_is_described_and_ended() {
+    let name = "a_lost_nested_vmm_is_described_and_ended";
+    let Some(artifacts) = artifacts_or_skip(name) else {
+        return;
+    };
+    // A process that stands for a nested VMM whose guest never answers.
+    let scenario = r#"
+sleep 600 &
+p=$!
+vr_wait_while "$p" 1 false
+vr_info wait-running "$?"
+vr_wait_while "$p" 5 true
+vr_info wait-done "$?"
+vr_vmm_lost lost "$p"
+vr_check ended vr_gone "$p"
+vr_wait_while "$p" 5 false
+vr_info wait-gone "$?"
+"#;
+    let outcome = rerun_on_platform_fault(name, || {
+        GuestRun::inner_direct(scenario)
+            .name(name)
+            .spawn(artifacts)?
+            .wait()
+    })
+    .unwrap();
+    let (r, console) = (&outcome.report, &outcome.console);
+    let info = |k: &str| r.info.get(k).map(String::as_str);
+    assert_eq!(info("wait-running"), Some("1"), "{console}");
+    assert_eq!(info("wait-done"), Some("0"), "{console}");
+    assert_eq!(info("wait-gone"), Some("2"), "{console}");
+    assert_eq!(r.status("ended"), Some(Status::Pass), "{console}");
+    for round in ["round 1: sleep S", "round 2: sleep S"] {
+        assert!(console.contains(round), "no {round:?} in:\n{console}");
+    }
+    assert!(info("lost-ended").is_some(), "{console}");
+}
+
 /// The whole nested path with a reference VMM: QEMU inside the TCG KVM host
 /// boots the inner guest on nested KVM with a (kernel) vhost-vsock device —
 /// all inside the TCG guest — and 1 MiB goes each way over AF_VSOCK between

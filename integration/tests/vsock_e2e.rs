@@ -61,8 +61,11 @@ h2g() { # NAME PORT FILE
 }
 
 # 2. host -> guest.
-h2g h2g-5000 5000 /tmp/up.bin && vr_pass h2g-ok-line "$(head -n 1 /tmp/reply.5000)" ||
+# A guest that never answers fails every step after this one: say why and end it now.
+h2g h2g-5000 5000 /tmp/up.bin && vr_pass h2g-ok-line "$(head -n 1 /tmp/reply.5000)" || {
 	vr_fail h2g-ok-line "no OK line: $(head -c 100 /tmp/reply.5000)"
+	vr_vmm_lost inner "$vmm" /tmp/api
+}
 
 # 3. host -> guest, 20 at once.
 pids=
@@ -207,14 +210,18 @@ vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memo
     --vsock cid=3,socket=/tmp/v.sock,uplink=unix:/tmp/up,fallback=0,$VR_VSOCK_TIMEOUTS \
     --api-socket /tmp/api --log-level info >/tmp/inner.log 2>&1 &
 vmm=$!
-vr_wait_for 400 grep -q 'VRTEST-INFO listening' /tmp/inner.log ||
+vr_wait_while "$vmm" 400 grep -q 'VRTEST-INFO listening' /tmp/inner.log || {
 	vr_fail guest-listening "$(tail -n 3 /tmp/inner.log)"
+	vr_vmm_lost inner "$vmm" /tmp/api
+}
 { echo 'CONNECT 5000'; cat /tmp/c; } | socat -t 30 - UNIX-CONNECT:/tmp/v.sock >/tmp/ok
 vr_check ok-line grep -q '^OK ' /tmp/ok
 # A client with a bad line: closed by the device, counted as a rejected handshake.
 echo 'HELLO 5000' | socat -t 10 - UNIX-CONNECT:/tmp/v.sock >/tmp/bad 2>&1
-vr_wait_for 300 grep -q 'VRTEST-INFO traffic-done' /tmp/inner.log ||
+vr_wait_while "$vmm" 300 grep -q 'VRTEST-INFO traffic-done' /tmp/inner.log || {
 	vr_fail guest-traffic-done "$(tail -n 3 /tmp/inner.log)"
+	vr_vmm_lost inner "$vmm" /tmp/api
+}
 # Scraped once no connection is live any more (a close may linger a moment).
 scrape() {
 	vsock-vmm remote --api-socket /tmp/api metrics >/tmp/m.txt 2>&1 &&

@@ -106,6 +106,46 @@ vr_running() {
 	kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
 }
 vr_gone() { ! vr_running "$1"; }
+# vr_wait_while PID SECS CMD...: as vr_wait_for SECS CMD, but gives up (status 2) as soon as
+# process PID has ended (a nested VMM that is gone sends no more signals).
+vr_wait_while() {
+	_ww_pid=$1 _ww_deadline=$(($(vr_uptime_ms) + $2 * 1000))
+	shift 2
+	while :; do
+		"$@" && return 0
+		vr_running "$_ww_pid" || return 2
+		[ "$(vr_uptime_ms)" -ge "$_ww_deadline" ] && return 1
+		usleep 100000
+	done
+}
+# vr_vmm_lost NAME PID [API]: a step that needs the nested guest failed while its VMM still
+# runs. Prints what tells a stuck guest from a stuck VMM: each VMM thread's state, CPU ticks
+# (twice, 2 s apart: a spinning thread's grow) and wait channel as NAME-thread infos; the API's
+# info and connections (API: its socket) as lines "NAME-api-info: ...". Then ends the VMM (TERM,
+# KILL after 10 s), so that the scenario runs on to relay the VMM's console now instead of
+# timing out.
+vr_vmm_lost() {
+	_vl_n=$1 _vl_p=$2 _vl_a=${3:-}
+	vr_running "$_vl_p" || return 0
+	for _vl_round in 1 2; do
+		for _vl_t in /proc/"$_vl_p"/task/*; do
+			# Fields after the ")" that ends comm: 1 state, 12 utime, 13 stime.
+			vr_info "$_vl_n-thread" "round $_vl_round: $(cat "$_vl_t/comm" 2>/dev/null)" \
+				"$(sed 's/.*) //' "$_vl_t/stat" 2>/dev/null | cut -d' ' -f1,12,13)" \
+				"wchan=$(cat "$_vl_t/wchan" 2>/dev/null)"
+		done
+		[ "$_vl_round" = 2 ] || sleep 2
+	done
+	if [ -n "$_vl_a" ]; then
+		for _vl_what in info connections; do
+			timeout 10 vsock-vmm remote --api-socket "$_vl_a" "$_vl_what" 2>&1 | head -n 60 |
+				sed "s/^/$_vl_n-api-$_vl_what: /"
+		done
+	fi
+	kill "$_vl_p" 2>/dev/null
+	vr_wait_for 10 vr_gone "$_vl_p" || kill -KILL "$_vl_p" 2>/dev/null
+	vr_info "$_vl_n-ended" "the VMM was ended after the failure above"
+}
 vr_wait_vmms() {
 	_limit=$1
 	shift
