@@ -268,7 +268,13 @@ fn unknown_connection_bad_type_and_bad_op_get_rst() {
     let mut h = hdr(10, 2, 99, op::REQUEST);
     h.type_ = sock_type::SEQPACKET;
     g.send_packet(&h, &[]);
-    wait_for(&mut g, |h| h.op == op::RST && h.dst_port == 10).expect("RST for SEQPACKET");
+    let r = wait_for(&mut g, |h| h.op == op::RST && h.dst_port == 10).expect("RST for SEQPACKET");
+    // The RST says SEQPACKET, as the kernel's does: a driver matches it to its socket by type.
+    assert_eq!(r.type_, sock_type::SEQPACKET);
+    assert_eq!(
+        g.received.iter().find(|h| h.dst_port == 9).map(|h| h.type_),
+        Some(sock_type::STREAM)
+    );
     g.send_packet(&hdr(11, 2, 99, 42), &[]);
     wait_for(&mut g, |h| h.op == op::RST && h.dst_port == 11).expect("RST for bad op");
     // An RST for an unknown connection is never answered.

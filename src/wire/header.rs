@@ -112,7 +112,9 @@ impl Header {
         b
     }
 
-    /// The reply to this packet that resets it: addresses swapped, no credit, op RST.
+    /// The reply to this packet that resets it: addresses swapped, no credit, op RST, and the
+    /// packet's own socket type, whatever it is (the kernel's `virtio_transport_reset_no_sock`
+    /// copies it too, so a SEQPACKET request is answered with a SEQPACKET RST).
     pub fn rst_reply(&self) -> Header {
         Header {
             src_cid: self.dst_cid,
@@ -120,7 +122,7 @@ impl Header {
             src_port: self.dst_port,
             dst_port: self.src_port,
             len: 0,
-            type_: sock_type::STREAM,
+            type_: self.type_,
             op: op::RST,
             flags: 0,
             buf_alloc: 0,
@@ -177,5 +179,8 @@ mod tests {
             (r.op, r.len, r.buf_alloc, r.fwd_cnt, r.flags),
             (op::RST, 0, 0, 0, 0)
         );
+        assert_eq!(r.type_, sock_type::SEQPACKET, "the type is mirrored");
+        let odd = Header { type_: 7, ..h };
+        assert_eq!(odd.rst_reply().type_, 7);
     }
 }
