@@ -80,7 +80,7 @@ pub struct Outgoing<S> {
 /// Why a guest-initiated connection was refused; the guest gets an RST.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The router found no path (strict mode, reserved CID, no uplink).
+    /// The router found no path (strict mode, reserved CID, no uplink, a local CID namespace).
     NoRoute,
     /// The path exists but the host-side connect failed at once.
     ConnectFailed,

@@ -486,3 +486,138 @@ fn listen_opens_parent_connections_into_the_guest() {
     drop(v);
     assert!(!up.join("listen_9000").exists(), "listen socket removed");
 }
+
+/// CID namespaces (`ns_mode`, the kernel's `net.vsock.ns_mode`): a local registry's guests
+/// reach each other, and nothing through the uplink, whatever `g2h_fallback` says.
+#[test]
+fn a_local_namespace_reaches_its_siblings_and_never_the_uplink() {
+    let dir = TempDir::new("ns-local");
+    let reg = dir.path("registry");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let opts = format!(",uplink=unix:{},registry={}", up.display(), reg.display());
+    let mut a = vm(&config(&dir, 3, &format!("{opts},ns_mode=local")));
+    // B asks for no mode: it joins the registry's.
+    let b = vm(&config(&dir, 5, &opts));
+    assert_eq!(
+        std::fs::read_to_string(reg.join("ns_mode")).unwrap(),
+        "local\n"
+    );
+    let b_thread = serve_sibling(b.g, 9000, b"from B".to_vec(), 6);
+    let pa = a.g.connect(5, 9000).expect("A reaches its sibling B");
+    a.g.send(pa, b"from A", T).unwrap();
+    assert_eq!(a.g.recv_exact(pa, 6, T), b"from B");
+    let (peer, got, _) = b_thread.join().unwrap();
+    assert_eq!((peer, got), ((3, pa), Sha256::digest(b"from A").to_vec()));
+    // Fallback is on (the default) and a live stand-in listener waits for each CID: still no
+    // attempt, neither before nor after the fallback is switched at run time.
+    let cids: Vec<u64> = (10..400).step_by(29).collect();
+    assert_eq!(refused_with_zero_uplink_attempts(&mut a, &up, &cids), 0);
+    a.handle.set_g2h_fallback(false);
+    a.handle.set_g2h_fallback(true);
+    let more = [77u64, 1000];
+    assert_eq!(refused_with_zero_uplink_attempts(&mut a, &up, &more), 0);
+    let c = a.handle.counters();
+    let n = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(n(&c.path_uplink), 0);
+    assert_eq!(n(&c.path_refused), (cids.len() + more.len()) as u64);
+    assert_eq!(n(&c.path_sibling), 1);
+    // Host services (CID 2, over Unix sockets) are not the uplink: they stay reachable.
+    let host = UnixListener::bind(format!("{}_700", cfg_socket(&dir, 3).display())).unwrap();
+    assert!(a.g.connect(2, 700).is_ok());
+    host.accept().expect("the host service got the connection");
+    drop(b.dev);
+}
+
+fn cfg_socket(dir: &TempDir, cid: u64) -> std::path::PathBuf {
+    dir.path(&format!("vm{cid}.sock"))
+}
+
+#[test]
+fn a_namespace_keeps_the_mode_it_was_created_with() {
+    let dir = TempDir::new("ns-mode");
+    let reg = dir.path("registry");
+    let opts = format!(",uplink=none,registry={}", reg.display());
+    let _a = vm(&config(&dir, 3, &format!("{opts},ns_mode=local")));
+    let policy = || Arc::new(Policy::new(true));
+    let err = Router::new(
+        &config(&dir, 7, &format!("{opts},ns_mode=global")),
+        policy(),
+    )
+    .err()
+    .expect("a global VMM cannot join a local namespace");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("is a local namespace") && msg.contains("ns_mode=global"),
+        "{msg}"
+    );
+    assert!(
+        !reg.join("7.sock").exists(),
+        "the refused VMM left no socket"
+    );
+    // listen= accepts on the uplink, which a local namespace has none of.
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let listen = format!(
+        ",uplink=unix:{},registry={},listen=9000",
+        up.display(),
+        reg.display()
+    );
+    let err = Router::new(&config(&dir, 8, &listen), policy())
+        .err()
+        .expect("listen= in a local namespace");
+    assert!(err.to_string().contains("local namespace"), "{err}");
+    // A new registry created global stays global.
+    let reg2 = dir.path("registry2");
+    let opts2 = format!(",uplink=none,registry={}", reg2.display());
+    let _g = vm(&config(&dir, 9, &format!("{opts2},ns_mode=global")));
+    assert!(Router::new(
+        &config(&dir, 4, &format!("{opts2},ns_mode=local")),
+        policy()
+    )
+    .is_err());
+    assert_eq!(
+        std::fs::read_to_string(reg2.join("ns_mode")).unwrap(),
+        "global\n"
+    );
+}
+
+#[test]
+fn vsock_connect_in_a_local_namespace_never_takes_the_uplink() {
+    let dir = TempDir::new("vc-ns");
+    let reg = dir.path("registry");
+    let up = dir.path("up");
+    std::fs::create_dir(&up).unwrap();
+    let b = vm(&config(
+        &dir,
+        5,
+        &format!(",uplink=none,registry={},ns_mode=local", reg.display()),
+    ));
+    let uplink = format!("unix:{}", up.display());
+    let (reg_s, up_s) = (reg.to_str().unwrap(), uplink.as_str());
+    let listeners: Vec<_> = ["77_80", "2_80"]
+        .iter()
+        .map(|n| counting_listener(&up.join(n)).1)
+        .collect();
+    for cid in ["77", "2"] {
+        let out = vsock_connect(&["--registry", reg_s, "--uplink", up_s, cid, "80"], b"x");
+        assert_eq!(out.status.code(), Some(1), "CID {cid}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("ENODEV") && err.contains("local CID namespace"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        listeners.iter().map(accepted).sum::<usize>(),
+        0,
+        "no uplink attempt"
+    );
+    // Its own guests are reachable.
+    let b_thread = serve_sibling(b.g, 9000, b"ok".to_vec(), 2);
+    let out = vsock_connect(&["--registry", reg_s, "--uplink", up_s, "5", "9000"], b"hi");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"ok");
+    b_thread.join().unwrap();
+    drop(b.dev);
+}

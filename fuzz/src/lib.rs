@@ -30,6 +30,7 @@ impl VsockControl for Fixed {
             g2h_fallback: self.fallback.load(Ordering::Relaxed),
             uplink: Some("vsock:2".into()),
             registry: None,
+            ns_mode: "global".into(),
             listen: None,
             counters: VsockCounters::default(),
         }

@@ -10,7 +10,9 @@
 //! and arrives hash-checked, and with fallback off (flipped through the API) it is reset and the
 //! enclave sees no attempt (6); `vsock-connect` on the KVM host reaches the inner guest through
 //! the registry, the enclave through the uplink (saying so), and fails with ENODEV in strict
-//! mode (7); the enclave reaches a listener in the inner guest through `listen=8000` (8); the
+//! mode and from a registry that is a local CID namespace (7); `vsock-vmm` refuses the KVM
+//! host's own CID and an uplink device whose CID cannot be read; the enclave reaches a listener
+//! in the inner guest through `listen=8000` (8); the
 //! VMM's reboot exit and its SIGTERM exit are both status 0 with sockets and registry entry gone,
 //! and a second VMM claims the CID again (9).
 //!
@@ -52,6 +54,23 @@ vr_check vsock-connect-fallback-notice grep -q 'g2h_fallback took the uplink' /t
 vsock-connect --registry /tmp/reg --fallback 0 10 7001 </dev/null 2>/tmp/vc-strict.err
 vr_expect_eq vsock-connect-strict-fails 1 "$?"
 vr_check vsock-connect-strict-enodev grep -q ENODEV /tmp/vc-strict.err
+# ... nor from a registry that is a local CID namespace, fallback on (the enclave counts any
+# attempt on 7001).
+mkdir -p /tmp/lreg && echo local >/tmp/lreg/ns_mode
+vsock-connect --registry /tmp/lreg 10 7001 </dev/null 2>/tmp/vc-local.err
+vr_expect_eq vsock-connect-local-ns-fails 1 "$?"
+vr_check vsock-connect-local-ns-enodev grep -q 'ENODEV.*local CID namespace' /tmp/vc-local.err
+
+# The parent-CID check: this machine is CID 3 to its hypervisor, which no guest may take; a
+# vsock device whose CID cannot be read (here a regular file: ENOTTY) is a clear error too.
+vsock-vmm --kernel $VR_INNER/vmlinux --memory size=64M \
+	--vsock cid=3,socket=/tmp/pc.sock,uplink=/dev/vsock 2>/tmp/pc.err
+vr_expect_eq parent-cid-refused 2 "$?"
+vr_check parent-cid-message grep -q "parent machine's own CID" /tmp/pc.err
+vsock-vmm --kernel $VR_INNER/vmlinux --memory size=64M \
+	--vsock cid=4,socket=/tmp/pc.sock,uplink=vsock:/tmp/phase 2>/tmp/pc2.err
+vr_expect_eq parent-cid-unreadable 2 "$?"
+vr_check parent-cid-unreadable-message grep -q IOCTL_VM_SOCKETS_GET_LOCAL_CID /tmp/pc2.err
 
 # 6. After the guest's upload through the uplink, switch it to strict at run time.
 if ! vr_wait_while "$vmm" 240 test -s /tmp/fallback-done; then
@@ -178,6 +197,12 @@ fn real_uplink_through_the_parents_dev_vsock() {
             "vsock-connect-fallback-notice",
             "vsock-connect-strict-fails",
             "vsock-connect-strict-enodev",
+            "vsock-connect-local-ns-fails",
+            "vsock-connect-local-ns-enodev",
+            "parent-cid-refused",
+            "parent-cid-message",
+            "parent-cid-unreadable",
+            "parent-cid-unreadable-message",
             "api-counts-uplink",
             "api-counts-refused",
             "vmm-exit-status",

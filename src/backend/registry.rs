@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::accept::{HandshakeServer, LineKind};
+use super::namespace::{self, NsError, NsMode};
 use super::stream::SockStream;
 use super::unix::{self, BoundSocket};
 use crate::sys;
@@ -60,6 +61,9 @@ pub enum RegistryError {
         .0.display()
     )]
     WorldWritable(PathBuf),
+    /// The registry's namespace mode is not the one asked for, or cannot be read.
+    #[error("{0}")]
+    Namespace(#[from] NsError),
     /// A filesystem or socket operation on `path` failed.
     #[error("CID registry {}: {source}", path.display())]
     Io {
@@ -90,14 +94,21 @@ fn guest_cid(cid: u64) -> bool {
 pub struct Registry {
     dir: PathBuf,
     cid: u64,
+    mode: NsMode,
     server: HandshakeServer,
     socket: BoundSocket,
 }
 
 impl Registry {
-    /// Claims `cid` in the registry `dir` (created with mode `0700` if missing). Siblings get
-    /// `handshake_timeout` to send their `FROM` line.
-    pub fn claim(dir: &Path, cid: u64, handshake_timeout: Duration) -> Result<Self, RegistryError> {
+    /// Claims `cid` in the registry `dir` (created with mode `0700` if missing), a CID namespace
+    /// of mode `ns_mode` (`None`: whatever mode the registry has; see [`namespace::settle`]).
+    /// Siblings get `handshake_timeout` to send their `FROM` line.
+    pub fn claim(
+        dir: &Path,
+        cid: u64,
+        ns_mode: Option<NsMode>,
+        handshake_timeout: Duration,
+    ) -> Result<Self, RegistryError> {
         if !guest_cid(cid) {
             return Err(RegistryError::BadCid(cid));
         }
@@ -132,12 +143,16 @@ impl Registry {
         })?;
         fs::set_permissions(&path, fs::Permissions::from_mode(socket_mode(dir_mode)))
             .map_err(io_err(&path))?;
+        // After the bind, so that a VMM refused for a taken CID never sets a registry's mode;
+        // on a mismatch the socket is unlinked again as `socket` drops.
+        let mode = namespace::settle(dir, ns_mode)?;
         let listener = socket.listener.try_clone().map_err(io_err(&path))?;
         let server = HandshakeServer::new(listener, LineKind::Registry, handshake_timeout)
             .map_err(io_err(&path))?;
         Ok(Registry {
             dir: dir.to_path_buf(),
             cid,
+            mode,
             server,
             socket,
         })
@@ -155,6 +170,11 @@ impl Registry {
     /// The CID this VMM claimed.
     pub fn cid(&self) -> u64 {
         self.cid
+    }
+
+    /// The registry's CID namespace mode.
+    pub fn mode(&self) -> NsMode {
+        self.mode
     }
 
     /// The socket siblings connect to, `<dir>/<cid>.sock`.
@@ -301,11 +321,11 @@ mod tests {
     fn claim_creates_a_private_directory_and_refuses_a_second_claim() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("reg");
-        let a = Registry::claim(&dir, 5, T).unwrap();
+        let a = Registry::claim(&dir, 5, None, T).unwrap();
         let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(a.socket_path(), dir.join("5.sock"));
-        let e = Registry::claim(&dir, 5, T).unwrap_err();
+        let e = Registry::claim(&dir, 5, None, T).unwrap_err();
         assert!(matches!(e, RegistryError::CidInUse { cid: 5, .. }), "{e:?}");
         assert_eq!(
             e.to_string(),
@@ -313,14 +333,14 @@ mod tests {
         );
         drop(a);
         assert!(!dir.join("5.sock").exists());
-        let _again = Registry::claim(&dir, 5, T).unwrap();
+        let _again = Registry::claim(&dir, 5, None, T).unwrap();
     }
 
     #[test]
     fn sockets_are_private_or_group_shared_never_open_to_others() {
         let tmp = tempfile::tempdir().unwrap();
         let private = tmp.path().join("private");
-        let a = Registry::claim(&private, 5, T).unwrap();
+        let a = Registry::claim(&private, 5, None, T).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(a.socket_path()), 0o600);
         // A group-shared directory set up by the administrator (and an odd, open one).
@@ -333,7 +353,7 @@ mod tests {
             let shared = tmp.path().join(format!("shared{dir_mode:o}"));
             fs::create_dir(&shared).unwrap();
             fs::set_permissions(&shared, fs::Permissions::from_mode(dir_mode)).unwrap();
-            let r = Registry::claim(&shared, 6, T).unwrap();
+            let r = Registry::claim(&shared, 6, None, T).unwrap();
             assert_eq!(mode(r.socket_path()), want, "directory {dir_mode:o}");
         }
         assert_eq!(socket_mode(0o777), 0o660);
@@ -347,7 +367,7 @@ mod tests {
             let open = tmp.path().join(format!("open{dir_mode:o}"));
             fs::create_dir(&open).unwrap();
             fs::set_permissions(&open, fs::Permissions::from_mode(dir_mode)).unwrap();
-            let e = Registry::claim(&open, 5, T).unwrap_err();
+            let e = Registry::claim(&open, 5, None, T).unwrap_err();
             assert!(matches!(e, RegistryError::WorldWritable(_)), "{e:?}");
             assert!(e.to_string().contains("writable by every user"), "{e}");
             assert!(!open.join("5.sock").exists(), "nothing claimed");
@@ -358,7 +378,7 @@ mod tests {
     fn bad_cids_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
-            let e = Registry::claim(tmp.path(), cid, T).unwrap_err();
+            let e = Registry::claim(tmp.path(), cid, None, T).unwrap_err();
             assert!(matches!(e, RegistryError::BadCid(c) if c == cid), "{e:?}");
         }
     }
@@ -369,17 +389,17 @@ mod tests {
         // A VMM that died without unlinking its socket.
         drop(UnixListener::bind(tmp.path().join("7.sock")).unwrap());
         assert!(tmp.path().join("7.sock").exists());
-        let r = Registry::claim(tmp.path(), 7, T).unwrap();
+        let r = Registry::claim(tmp.path(), 7, None, T).unwrap();
         assert!(UnixStream::connect(r.socket_path()).is_ok());
     }
 
     #[test]
     fn owns_sees_live_siblings_only() {
         let tmp = tempfile::tempdir().unwrap();
-        let a = Registry::claim(tmp.path(), 3, T).unwrap();
+        let a = Registry::claim(tmp.path(), 3, None, T).unwrap();
         assert!(!a.owns(3), "our own CID is not a sibling's");
         assert!(!a.owns(4));
-        let b = Registry::claim(tmp.path(), 4, T).unwrap();
+        let b = Registry::claim(tmp.path(), 4, None, T).unwrap();
         assert!(a.owns(4));
         assert!(b.owns(3));
         fs::write(tmp.path().join("9.sock"), b"not a socket").unwrap();
@@ -392,8 +412,8 @@ mod tests {
     #[test]
     fn connect_relay_sends_the_relay_line_and_the_sibling_yields_a_packet_link() {
         let tmp = tempfile::tempdir().unwrap();
-        let a = Registry::claim(tmp.path(), 3, T).unwrap();
-        let mut b = Registry::claim(tmp.path(), 4, T).unwrap();
+        let a = Registry::claim(tmp.path(), 3, None, T).unwrap();
+        let mut b = Registry::claim(tmp.path(), 4, None, T).unwrap();
         let s = a.connect_relay(4, 80, 3, 1234).unwrap();
         let mut ours = UnixStream::from(OwnedFd::from(s));
         // The first frame follows the line; the sibling hands it on as the prefix.
@@ -434,7 +454,7 @@ mod tests {
     #[test]
     fn a_program_connects_as_the_host_with_a_byte_stream() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut b = Registry::claim(tmp.path(), 4, T).unwrap();
+        let mut b = Registry::claim(tmp.path(), 4, None, T).unwrap();
         let s = connect_in(tmp.path(), 4, 80, 2, 77).unwrap();
         let mut out = Vec::new();
         run_until(&mut b, &mut out, |_, o| o.len() == 1);
@@ -455,7 +475,7 @@ mod tests {
     #[test]
     fn only_valid_from_lines_are_accepted() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut r = Registry::claim(tmp.path(), 4, T).unwrap();
+        let mut r = Registry::claim(tmp.path(), 4, None, T).unwrap();
         let mut out = Vec::new();
         for (i, line) in [
             &b"CONNECT 80\n"[..],

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use vsock_router::backend::namespace::{self, NsMode};
 use vsock_router::backend::registry;
 use vsock_router::backend::uplink::{Uplink, UplinkSpec};
 use vsock_router::config::parse_switch;
@@ -24,6 +25,8 @@ Connects stdin/stdout to (CID, PORT), routed like a nested guest's connection:
   a CID owned by a guest in the registry  -> that guest (it sees this program as CID 2)
   CID 2, or any other CID with fallback=1 -> the G2H uplink (VMADDR_FLAG_TO_HOST)
   otherwise                               -> fails with ENODEV
+A registry that is a local CID namespace (its ns_mode file says local) reaches
+nothing through the uplink: CIDs none of its guests own fail with ENODEV.
 Defaults: --uplink /dev/vsock when it exists, else none; --fallback 1.
 Example: echo hello | vsock-connect --registry /run/vsock 5 9000";
 
@@ -146,16 +149,33 @@ fn relay(stream: UnixStream) -> io::Result<()> {
 }
 
 fn run(a: Args) -> Result<(), String> {
+    // This program is in the registry's CID namespace, whatever its mode.
+    let ns_mode = match &a.registry {
+        Some(d) => namespace::read_mode(d).map_err(|e| e.to_string())?,
+        None => NsMode::Global,
+    };
     let ctx = RouteCtx {
         own_cid: None,
         g2h_fallback: a.fallback,
         uplink: a.uplink != UplinkSpec::None,
+        ns_mode,
     };
     let dir = a.registry.clone();
-    let decision = decide(a.cid, &ctx, |c| {
+    let mut decision = decide(a.cid, &ctx, |c| {
         dir.as_ref().is_some_and(|d| registry::owned_in(d, c))
     });
+    // From here CID 2 is the parent, through the uplink: out of reach of a local namespace too.
+    if decision == Decision::Host && !ns_mode.reaches_parent() {
+        decision = Decision::Refuse(RefuseReason::LocalNamespace);
+    }
     let stream: UnixStream = match decision {
+        Decision::Refuse(RefuseReason::LocalNamespace) => {
+            return Err(format!(
+                "CID {}: no such device (ENODEV): no guest of the registry owns it, and the \
+                 registry is a local CID namespace, from which nothing goes to the uplink",
+                a.cid
+            ))
+        }
         Decision::Refuse(RefuseReason::ReservedCid) => {
             return Err(format!("CID {}: reserved CID (EINVAL)", a.cid))
         }

@@ -10,6 +10,7 @@ pub mod options;
 
 use self::options::decimal;
 pub use self::options::{parse_switch, OptionError, OptionParser};
+use crate::backend::namespace::NsMode;
 use crate::backend::uplink::UplinkSpec;
 use crate::device::vsock::DEFAULT_MAX_CONNECTIONS;
 use crate::wire::Cid;
@@ -47,6 +48,9 @@ pub struct VsockConfig {
     pub uplink: UplinkSpec,
     /// The CID registry directory shared with sibling VMMs.
     pub registry: Option<PathBuf>,
+    /// The CID namespace mode asked for (`ns_mode`): `None` takes the registry's (`global`
+    /// without a registry or for a new one). `local` means no uplink at all.
+    pub ns_mode: Option<NsMode>,
     /// Ports on which connections from the parent are accepted into the guest.
     pub listen: Vec<u32>,
     /// Live connections allowed.
@@ -74,6 +78,7 @@ pub const KEYS: &[&str] = &[
     "fallback",
     "uplink",
     "registry",
+    "ns_mode",
     "listen",
     "max_connections",
     "buffer_size",
@@ -138,6 +143,7 @@ impl VsockConfig {
             g2h_fallback: true,
             uplink: default_uplink(),
             registry: None,
+            ns_mode: None,
             listen: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             buffer_size: DEFAULT_BUFFER_SIZE,
@@ -172,6 +178,7 @@ impl FromStr for VsockConfig {
             cfg.uplink = u;
         }
         cfg.registry = p.convert("registry", |v| Ok(PathBuf::from(v)))?;
+        cfg.ns_mode = p.convert("ns_mode", |v| v.parse::<NsMode>())?;
         cfg.listen = p.convert("listen", parse_listen)?.unwrap_or_default();
         if let Some(n) = p.convert("max_connections", |v| in_range(v, 1..=65_536, ""))? {
             cfg.max_connections = n;
@@ -208,6 +215,13 @@ impl FromStr for VsockConfig {
                 "needs an uplink to listen on",
             ));
         }
+        if !cfg.listen.is_empty() && cfg.ns_mode == Some(NsMode::Local) {
+            return Err(p.invalid(
+                "listen",
+                p.get("listen").unwrap_or_default(),
+                "listens on the uplink, which a local CID namespace (ns_mode=local) cannot use",
+            ));
+        }
         Ok(cfg)
     }
 }
@@ -233,6 +247,13 @@ mod tests {
         assert_eq!(c.registry, Some(PathBuf::from("/run/vsock")));
         assert_eq!(c.listen, vec![9000, 9001]);
         assert_eq!(c.max_connections, 1023);
+        assert_eq!(c.ns_mode, None);
+        for (v, want) in [("global", NsMode::Global), ("local", NsMode::Local)] {
+            let c: VsockConfig = format!("cid=3,socket=/s,registry=/r,ns_mode={v}")
+                .parse()
+                .unwrap();
+            assert_eq!(c.ns_mode, Some(want));
+        }
     }
 
     #[test]
@@ -368,6 +389,14 @@ mod tests {
                 "port 1 given twice",
             ),
             ("cid=3,socket=/s,uplink=none,listen=9000", "needs an uplink"),
+            (
+                "cid=3,socket=/s,ns_mode=Local",
+                "invalid ns_mode=`Local`: `Local` is not a namespace mode (global or local)",
+            ),
+            (
+                "cid=3,socket=/s,uplink=unix:/u,ns_mode=local,listen=9000",
+                "a local CID namespace (ns_mode=local) cannot use",
+            ),
             (
                 "cid=3,socket=/s,max_connections=0",
                 "invalid max_connections=`0`",

@@ -261,7 +261,7 @@ impl<B: Backend> Muxer<B> {
             }
             Err(Refusal::NoRoute) => {
                 log::debug!(
-                    "vsock: guest {}:{} -> {}:{} refused: no route (strict mode or no uplink)",
+                    "vsock: guest {}:{} -> {}:{} refused: no route (a reserved CID, strict mode, no uplink or a local CID namespace)",
                     h.src_cid,
                     h.src_port,
                     h.dst_cid,

@@ -16,6 +16,7 @@ use super::{Path, RouteInfo};
 use crate::backend::accept::HandshakeView;
 use crate::backend::host::HostBackend;
 use crate::backend::listen::ListenBackend;
+use crate::backend::namespace::NsMode;
 use crate::backend::registry::{Registry, RegistryError};
 use crate::backend::stream::SockStream;
 use crate::backend::uplink::{Uplink, UplinkSpec};
@@ -45,9 +46,27 @@ pub enum RouterError {
         /// The cause.
         source: io::Error,
     },
+    /// The machine's own CID could not be read from the uplink's vsock device, so the check
+    /// that the guest does not take it could not run.
+    #[error(
+        "uplink {spec}: cannot read this machine's CID (IOCTL_VM_SOCKETS_GET_LOCAL_CID), which \
+         a guest must not take: {source} (uplink=none if the guest needs no uplink)"
+    )]
+    ParentCidUnknown {
+        /// The uplink as configured.
+        spec: String,
+        /// The cause.
+        source: io::Error,
+    },
     /// The guest CID is the parent machine's own CID.
     #[error("cid {0} is the parent machine's own CID (the kernel refuses it with EADDRINUSE)")]
     ParentCid(u64),
+    /// `listen=` in a local CID namespace, which has no uplink to listen on.
+    #[error(
+        "listen={0}: the CID registry is a local namespace (ns_mode=local), which cannot use \
+         the uplink that listen= accepts on"
+    )]
+    ListenInLocalNamespace(String),
     /// Setting up the poll set failed.
     #[error("cannot create the router's epoll set: {0}")]
     Epoll(io::Error),
@@ -56,6 +75,7 @@ pub enum RouterError {
 /// Routes a device's connections.
 pub struct Router {
     guest_cid: u64,
+    ns_mode: NsMode,
     connect_timeout: Duration,
     policy: Arc<Policy>,
     host: HostBackend,
@@ -82,10 +102,23 @@ impl Router {
                     ),
                 });
             }
-            let probe = Uplink::new(cfg.uplink.clone());
-            if let Ok(Some(parent)) = probe.parent_cid() {
-                if u64::from(parent) == cfg.cid {
-                    return Err(RouterError::ParentCid(cfg.cid));
+            match Uplink::new(cfg.uplink.clone()).parent_cid() {
+                Ok(Some(parent)) if u64::from(parent) == cfg.cid => {
+                    return Err(RouterError::ParentCid(cfg.cid))
+                }
+                // VMADDR_CID_ANY: no G2H transport behind the device, so the uplink refuses
+                // every connect; not an error for a VM that may never use it.
+                Ok(Some(u32::MAX)) => log::warn!(
+                    "uplink {}: the machine has no G2H vsock transport (its CID reads as -1): \
+                     connections that take the uplink will fail",
+                    cfg.uplink
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(RouterError::ParentCidUnknown {
+                        spec: cfg.uplink.to_string(),
+                        source: e,
+                    })
                 }
             }
         }
@@ -96,9 +129,23 @@ impl Router {
             }
         })?;
         let registry = match &cfg.registry {
-            Some(dir) => Some(Registry::claim(dir, cfg.cid, cfg.handshake_timeout)?),
+            Some(dir) => Some(Registry::claim(
+                dir,
+                cfg.cid,
+                cfg.ns_mode,
+                cfg.handshake_timeout,
+            )?),
             None => None,
         };
+        let ns_mode = registry
+            .as_ref()
+            .map(Registry::mode)
+            .or(cfg.ns_mode)
+            .unwrap_or_default();
+        if ns_mode == NsMode::Local && !cfg.listen.is_empty() {
+            let ports: Vec<String> = cfg.listen.iter().map(u32::to_string).collect();
+            return Err(RouterError::ListenInLocalNamespace(ports.join("+")));
+        }
         let uplink_err = |source| RouterError::Uplink {
             spec: cfg.uplink.to_string(),
             source,
@@ -127,6 +174,7 @@ impl Router {
         }
         Ok(Router {
             guest_cid: cfg.cid,
+            ns_mode,
             connect_timeout: cfg.connect_timeout,
             policy,
             host,
@@ -135,6 +183,11 @@ impl Router {
             listen,
             epoll,
         })
+    }
+
+    /// The CID namespace's mode: the registry's, else what the configuration asked for.
+    pub fn ns_mode(&self) -> NsMode {
+        self.ns_mode
     }
 
     /// The uplink, if one is configured.
@@ -197,6 +250,7 @@ impl Backend for Router {
             own_cid: Some(self.guest_cid),
             g2h_fallback: self.policy.g2h_fallback(),
             uplink: self.uplink.is_some(),
+            ns_mode: self.ns_mode,
         };
         let registry = self.registry.as_ref();
         let decision = decide(req.dst_cid, &ctx, |c| registry.is_some_and(|r| r.owns(c)));

@@ -1,5 +1,6 @@
 //! The routing decision: one pure function, in the kernel's order.
 
+use crate::backend::namespace::NsMode;
 use crate::wire::{Cid, HOST_CID};
 
 /// What the decision needs to know besides the destination.
@@ -12,6 +13,8 @@ pub struct RouteCtx {
     pub g2h_fallback: bool,
     /// Whether an uplink is configured.
     pub uplink: bool,
+    /// The CID namespace's mode: from a `local` one nothing takes the uplink.
+    pub ns_mode: NsMode,
 }
 
 /// Why a connection is refused.
@@ -22,6 +25,10 @@ pub enum RefuseReason {
     /// Nobody on this machine owns the CID, and the fallback is off or there is no uplink:
     /// the kernel's ENODEV.
     NoRoute,
+    /// Nobody on this machine owns the CID, and the namespace is `local`: the uplink is never
+    /// taken from it, whatever `g2h_fallback` says (the kernel's virtio G2H transport refuses
+    /// sockets of a local namespace). Also ENODEV.
+    LocalNamespace,
 }
 
 /// Where a new connection goes.
@@ -50,6 +57,9 @@ pub fn decide(dst_cid: u64, ctx: &RouteCtx, owned: impl FnOnce(u64) -> bool) -> 
     }
     if owned(dst_cid) {
         return Decision::Sibling;
+    }
+    if !ctx.ns_mode.reaches_parent() {
+        return Decision::Refuse(RefuseReason::LocalNamespace);
     }
     if ctx.g2h_fallback && ctx.uplink {
         return Decision::Uplink;
@@ -106,9 +116,24 @@ mod tests {
                 own_cid: Some(OWN),
                 g2h_fallback: fallback,
                 uplink,
+                ns_mode: NsMode::Global,
             };
             let got = decide(cid, &ctx, |c| c == SIBLING || c == OWN);
             assert_eq!(got, want, "cid {cid} fallback {fallback} uplink {uplink}");
+            // A local namespace decides the same, except that nothing takes the uplink.
+            let local = RouteCtx {
+                ns_mode: NsMode::Local,
+                ..ctx
+            };
+            let want = match want {
+                Refuse(NoRoute) | Uplink => Refuse(LocalNamespace),
+                other => other,
+            };
+            let got = decide(cid, &local, |c| c == SIBLING || c == OWN);
+            assert_eq!(
+                got, want,
+                "local: cid {cid} fallback {fallback} uplink {uplink}"
+            );
         }
     }
 
@@ -118,6 +143,7 @@ mod tests {
             own_cid: None,
             g2h_fallback: false,
             uplink: true,
+            ns_mode: NsMode::Global,
         };
         assert_eq!(decide(SIBLING, &ctx, |c| c == SIBLING), Decision::Sibling);
         assert_eq!(
@@ -132,6 +158,7 @@ mod tests {
             own_cid: Some(OWN),
             g2h_fallback: true,
             uplink: true,
+            ns_mode: NsMode::Global,
         };
         for cid in [0, 1, 2, OWN, u64::MAX] {
             decide(cid, &ctx, |_| panic!("asked for {cid}"));

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use vsock_router::backend::accept::DEFAULT_MAX_PENDING;
+use vsock_router::backend::namespace::NsMode;
 use vsock_router::backend::uplink::UplinkSpec;
 use vsock_router::config::VsockConfig;
 use vsock_router::device::virtio::VirtioDevice;
@@ -51,11 +52,17 @@ pub fn build_vsock(raw: &str) -> Result<VsockParts, VsockSetupError> {
     dev_cfg.csm.request_timeout = cfg.request_timeout;
     dev_cfg.csm.connect_timeout = cfg.connect_timeout;
     let stats = router.stats();
+    let ns_mode = router.ns_mode();
     let device = VsockDevice::new(dev_cfg, router);
     let handle = VsockHandle::new(policy, device.handle());
     Ok(VsockParts {
         device: Box::new(device),
-        control: Arc::new(LibraryControl { cfg, handle, stats }),
+        control: Arc::new(LibraryControl {
+            cfg,
+            handle,
+            stats,
+            ns_mode,
+        }),
     })
 }
 
@@ -93,6 +100,7 @@ struct LibraryControl {
     cfg: VsockConfig,
     handle: VsockHandle,
     stats: RouterStats,
+    ns_mode: NsMode,
 }
 
 impl VsockControl for LibraryControl {
@@ -118,6 +126,7 @@ impl VsockControl for LibraryControl {
                 ref u => Some(u.to_string()),
             },
             registry: self.cfg.registry.as_ref().map(|r| r.display().to_string()),
+            ns_mode: self.ns_mode.to_string(),
             listen,
             counters: VsockCounters {
                 host: a.path_host,

@@ -286,6 +286,15 @@ fn bad_options_exit_2_naming_key_and_value() {
     let scratch = Scratch::new("badopts");
     let kernel = scratch.write("k", b"not a kernel");
     let k = kernel.to_str().unwrap();
+    // A registry created as a local CID namespace, joined with the other mode.
+    let reg = scratch.path("reg");
+    std::fs::create_dir(&reg).unwrap();
+    std::fs::write(reg.join("ns_mode"), "local\n").unwrap();
+    let local_vs_global = format!(
+        "cid=3,socket={},uplink=none,registry={},ns_mode=global",
+        scratch.path("v.sock").display(),
+        reg.display()
+    );
     for (args, needles) in [
         (
             vec!["--kernel", k, "--cpus", "boot=0"],
@@ -316,6 +325,10 @@ fn bad_options_exit_2_naming_key_and_value() {
             vec!["--serial", "file=/nonexistent/dir/log"],
         ),
         (vec!["--cpus", "boot=2"], vec!["--kernel is required"]),
+        (
+            vec!["--kernel", k, "--vsock", &local_vs_global],
+            vec!["--vsock", "is a local namespace", "ns_mode=global"],
+        ),
     ] {
         let (code, err) = run_cli(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -438,6 +451,7 @@ fn vsock_endpoints_end_to_end() {
     ] {
         assert!(v.get(key).is_some(), "info lacks {key}: {v}");
     }
+    assert_eq!(v["ns_mode"], "global");
     for on in [true, false, true] {
         let body = format!(r#"{{"g2h_fallback": {on}}}"#);
         assert_eq!(vmm.call("PATCH", "/api/v1/vsock", Some(&body)).status, 204);

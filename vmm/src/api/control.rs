@@ -54,6 +54,8 @@ pub struct VsockInfo {
     pub uplink: Option<String>,
     /// The sibling registry directory (`null` when none).
     pub registry: Option<String>,
+    /// The CID namespace's mode, `global` or `local` (the registry's, else `ns_mode=`).
+    pub ns_mode: String,
     /// The listen specification (`null` when none).
     pub listen: Option<String>,
     /// Counters.

@@ -154,6 +154,7 @@ mod tests {
                 g2h_fallback: self.fallback.load(Ordering::SeqCst),
                 uplink: None,
                 registry: Some("/run/reg".into()),
+                ns_mode: "global".into(),
                 listen: None,
                 counters: VsockCounters {
                     host: 2,
