@@ -15,7 +15,7 @@ use vsock_router::device::virtio::VirtioDevice;
 use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::sim::{PairBackend, RxLayout, SimGuest, SockState, TxLayout};
 use vsock_router::stats::{RstReason, RstState};
-use vsock_router::wire::{op, shutdown, sock_type, Header, HEADER_LEN};
+use vsock_router::wire::{op, seq, shutdown, sock_type, Header, HEADER_LEN};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -102,6 +102,28 @@ fn guest_connects_to_host_and_data_flows_both_ways() {
     assert_eq!(conns[0].state, "established");
     assert_eq!((conns[0].bytes_to_host, conns[0].bytes_to_guest), (10, 11));
     assert!(g.close(port, T), "device answers close() with RST");
+    assert!(g.violations.is_empty(), "{:?}", g.violations);
+}
+
+/// The SEQ flags mean nothing on a STREAM connection (the kernel reads them only for
+/// SEQPACKET): an RW with EOM and EOR set is plain data, and the connection goes on.
+#[test]
+fn seq_flags_on_a_stream_connection_are_plain_data() {
+    let (mut g, dev, host) = setup();
+    let port = g.connect(2, 1234).expect("connected");
+    let (_, mut s) = host.accept(T).expect("host side");
+    let mut h = hdr(port, 2, 1234, op::RW);
+    h.flags = seq::EOM | seq::EOR;
+    h.len = 5;
+    g.send_packet(&h, b"hello");
+    g.send(port, b" world", T).unwrap();
+    let mut buf = [0u8; 11];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello world");
+    s.write_all(b"back").unwrap();
+    assert_eq!(g.recv_exact(port, 4, T), b"back");
+    assert_eq!(dev.connections()[0].state, "established");
+    assert!(!g.received.iter().any(|h| h.op == op::RST), "no RST");
     assert!(g.violations.is_empty(), "{:?}", g.violations);
 }
 

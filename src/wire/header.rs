@@ -51,6 +51,15 @@ pub mod shutdown {
     pub const BOTH: u32 = RCV | SEND;
 }
 
+/// Flags of an RW packet of a SOCK_SEQPACKET connection (the kernel reads them for that type
+/// only; on a STREAM connection they mean nothing).
+pub mod seq {
+    /// `VIRTIO_VSOCK_SEQ_EOM`: the last packet of a message.
+    pub const EOM: u32 = 1;
+    /// `VIRTIO_VSOCK_SEQ_EOR`: the message ends a record (`MSG_EOR`).
+    pub const EOR: u32 = 2;
+}
+
 /// A decoded packet header. Field names follow the virtio specification.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {

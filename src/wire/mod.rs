@@ -7,4 +7,4 @@ pub mod header;
 pub mod line;
 
 pub use cid::Cid;
-pub use header::{op, shutdown, sock_type, Header, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
+pub use header::{op, seq, shutdown, sock_type, Header, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
