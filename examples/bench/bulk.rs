@@ -20,7 +20,8 @@ pub const CHUNK: usize = 256 * 1024;
 #[derive(Clone, Debug)]
 pub enum Dir {
     GuestToHost(TxLayout),
-    HostToGuest,
+    /// Over a connection the guest opened, or (`true`) one a host program opened.
+    HostToGuest(bool),
 }
 
 fn counter(c: &vsock_router::stats::Counters) -> [u64; 3] {
@@ -37,7 +38,10 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
     if let Dir::GuestToHost(layout) = dir {
         rig.g.layout = layout.clone();
     }
-    let (port, s) = rig.connect(9000)?;
+    let (port, s) = match dir {
+        Dir::HostToGuest(true) => rig.connect_from_host(9000)?,
+        _ => rig.connect(9000)?,
+    };
     s.set_read_timeout(Some(RUN_LIMIT))
         .map_err(|e| e.to_string())?;
     let before = counter(&rig.counters);
@@ -77,7 +81,7 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
             let end = reader.join().map_err(|_| "reader panicked")??;
             end - start
         }
-        Dir::HostToGuest => {
+        Dir::HostToGuest(_) => {
             let got = Arc::new(AtomicU64::new(0));
             let seen = got.clone();
             if !crate::legacy() {
@@ -126,7 +130,7 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
     }
     let data_pkts = match dir {
         Dir::GuestToHost(_) => after[0] - before[0],
-        Dir::HostToGuest => after[1] - before[1],
+        Dir::HostToGuest(_) => after[1] - before[1],
     };
     let sent = rig.g.kicks_sent - kicks.0;
     let skipped = rig.g.kicks_skipped - kicks.1;

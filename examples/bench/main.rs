@@ -186,11 +186,15 @@ fn workloads() -> Vec<(String, Work)> {
                     Work::Bulk(kind, dir, ba),
                 ));
             }
-            w.push((
-                format!("bulk/{k}/h2g/{ba_name}"),
-                Work::Bulk(kind, Dir::HostToGuest, ba),
-            ));
+            let dir = Dir::HostToGuest(false);
+            w.push((format!("bulk/{k}/h2g/{ba_name}"), Work::Bulk(kind, dir, ba)));
         }
+        // The same over a connection a host program opened (hybrid CONNECT / OK).
+        let dir = Dir::HostToGuest(true);
+        w.push((
+            format!("bulk/{k}/h2g-hostconn/256k"),
+            Work::Bulk(kind, dir, 256 * 1024),
+        ));
         w.push((format!("rr/{k}"), Work::Rr(kind)));
         for n in [100, 1000] {
             for (to_guest, d) in [(false, "g2h"), (true, "h2g")] {
@@ -239,7 +243,14 @@ fn report(name: &str, work: &Work, runs: &[Sample], tsv: bool) {
     let (dev, guest, process) = (median(&mut dev), median(&mut guest), median(&mut process));
     let unit = if per_op { "rt/s" } else { "MB/s" };
     if tsv {
-        println!("{name}\t{unit}\t{med:.1}\t{dev:.4}\t{process:.4}");
+        let f = |v: f64| {
+            if v.is_nan() {
+                "-".into()
+            } else {
+                format!("{v:.4}")
+            }
+        };
+        println!("{name}\t{unit}\t{med:.1}\t{}\t{}", f(dev), f(process));
         return;
     }
     let mid = runs
@@ -253,7 +264,7 @@ fn report(name: &str, work: &Work, runs: &[Sample], tsv: bool) {
         .collect();
     let cpu_unit = if per_op { "us/rt" } else { "s/GiB" };
     println!(
-        "{name:<26} {unit:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {cpu_unit:<5}  {}",
+        "{name:<28} {unit:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {cpu_unit:<5}  {}",
         fmt_num(lo),
         fmt_num(med),
         fmt_num(hi),
@@ -321,7 +332,7 @@ fn main() -> ExitCode {
     } else {
         println!("{head}");
         println!(
-            "{:<26} {:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {:<5}  median run",
+            "{:<28} {:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {:<5}  median run",
             "workload", "unit", "min", "median", "max", "dev", "guest", "proc", "cpu"
         );
     }

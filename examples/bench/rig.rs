@@ -4,6 +4,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,6 +104,46 @@ impl Rig {
             _dev: dev,
             host,
         })
+    }
+
+    /// Lets a host program connect to guest port `port` as Firecracker's hybrid scheme has it
+    /// (`CONNECT <port>` on the device's socket, answered `OK <port>`; for the socket pair, the
+    /// backend's own offer); the guest listens and accepts. Returns the guest's port and the
+    /// host end, past its `OK` line.
+    pub fn connect_from_host(&mut self, port: u32) -> Result<(u32, UnixStream), String> {
+        self.g.listen(port);
+        let mut s = match &self.host {
+            Host::Pair(h) => h.connect(port, b""),
+            Host::Unix { socket, .. } => {
+                let mut s = UnixStream::connect(socket)
+                    .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+                s.write_all(format!("CONNECT {port}\n").as_bytes())
+                    .map_err(|e| format!("CONNECT: {e}"))?;
+                s
+            }
+        };
+        let gport = self
+            .g
+            .accept(Duration::from_secs(5))
+            .ok_or("the guest never saw the host's connection")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 64 && !line.ends_with(b"\n") {
+            // The guest's RESPONSE is in the TX queue: the device answers the host.
+            self.g.pump(Duration::ZERO);
+            s.read_exact(&mut b)
+                .map_err(|e| format!("reading OK: {e}"))?;
+            line.push(b[0]);
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(format!(
+                "host got {:?}, not OK",
+                String::from_utf8_lossy(&line)
+            ));
+        }
+        Ok((gport, s))
     }
 
     /// Connects the guest to host port `port`; returns the guest's port and the host end.
