@@ -6,12 +6,14 @@
 # each side and the ratio tree / REV (above 1: the tree is faster; for device CPU per GiB, below
 # 1: the tree is cheaper). See docs/performance.md.
 #
-#   scripts/bench-compare.sh [--quick] [--rounds N] [--mib N] [--only PAT,...] REV
+#   scripts/bench-compare.sh [--quick] [--rounds N] [--mib N] [--only PAT,...] [--pin D,R] REV
 #
 #   --quick      small sizes (the benchmark's --quick) and 3 rounds: about a minute or two
 #   --rounds N   invocations of each binary (default 5; --quick: 3)
 #   --mib N      passed to the benchmark
 #   --only PATS  passed to the benchmark (comma-separated name substrings; see `--list`)
+#   --pin D,R    passed to the benchmark: device threads on CPU D, the rest on CPU R (steadier
+#                figures; REV's benchmark must know --pin)
 #
 # REV must contain examples/bench (a revision before it has no benchmark to compare: the script
 # says so and exits 2). REV's build goes to $BENCH_COMPARE_TARGET (default
@@ -22,7 +24,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -30,6 +32,7 @@ quick=0
 rounds=
 mib=
 only=
+pin=
 rev=
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
         --rounds) rounds=${2:?--rounds needs a value}; shift ;;
         --mib) mib=${2:?--mib needs a value}; shift ;;
         --only) only=${2:?--only needs a value}; shift ;;
+        --pin) pin=${2:?--pin needs a value}; shift ;;
         -h|--help) usage ;;
         -*) echo "bench-compare: unknown option $1" >&2; usage ;;
         *) [ -z "$rev" ] || usage; rev=$1 ;;
@@ -86,6 +90,7 @@ args=(--repeat 1 --tsv)
 [ "$quick" = 1 ] && args+=(--quick)
 [ -n "$mib" ] && args+=(--mib "$mib")
 [ -n "$only" ] && args+=(--only "$only")
+[ -n "$pin" ] && args+=(--pin "$pin")
 
 : > "$tmp/A.tsv"
 : > "$tmp/B.tsv"

@@ -107,3 +107,26 @@ impl CpuProbe {
         }
     }
 }
+
+/// Pins thread `tid` (0: the calling thread) to CPU `cpu`. Threads it spawns later inherit it.
+pub fn pin(tid: u32, cpu: usize) -> Result<(), String> {
+    // SAFETY: an all-zero `cpu_set_t` is the empty set, a valid value of the plain C struct.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is checked to lie within the set, which is valid and writable.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(format!("CPU {cpu} is beyond CPU_SETSIZE"));
+        }
+        libc::CPU_SET(cpu, &mut set);
+    }
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `set` is a valid `cpu_set_t` of `size` bytes that outlives the call.
+    let r = unsafe { libc::sched_setaffinity(tid as libc::pid_t, size, &set) };
+    if r != 0 {
+        return Err(format!(
+            "pinning thread {tid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@
 //! ```text
 //! cargo run --release --example bench [-- --mib N] [--repeat R] [--rr N] [--only PAT,...]
 //!                                        [--quick] [--tsv] [--list] [--legacy-driver]
+//!                                        [--pin D,R]
 //! ```
 //!
 //! See `docs/performance.md`; `scripts/bench-compare.sh` runs two builds of it interleaved.
@@ -19,7 +20,7 @@ mod rig;
 mod rr;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bulk::Dir;
@@ -30,6 +31,16 @@ use vsock_router::sim::TxLayout;
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 static LEGACY: AtomicBool = AtomicBool::new(false);
+/// `--pin`: 1 + the device thread's CPU, and 1 + every other thread's (0: not pinned).
+static PIN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// The CPUs of `--pin D,R`: the device thread's and every other thread's.
+pub fn pinned() -> Option<(usize, usize)> {
+    match PIN.each_ref().map(|p| p.load(Ordering::Relaxed)) {
+        [0, _] | [_, 0] => None,
+        [d, r] => Some((d - 1, r - 1)),
+    }
+}
 
 /// Whether the simulated driver runs as the tests use it (`--legacy-driver`).
 pub fn legacy() -> bool {
@@ -104,10 +115,11 @@ struct Opts {
     list: bool,
     quick: bool,
     legacy: bool,
+    pin: Option<(usize, usize)>,
 }
 
 const USAGE: &str = "usage: bench [--mib N] [--repeat R] [--rr N] [--only PAT[,PAT...]] [--quick] \
-[--tsv] [--list] [--legacy-driver]
+[--tsv] [--list] [--legacy-driver] [--pin D,R]
   --mib N     MiB per bulk run and per many-connection run (default 512; --quick: 32)
   --repeat R  runs per workload, min/median/max shown (default 3)
   --rr N      round trips per run (default 20000; --quick: 2000)
@@ -117,7 +129,8 @@ const USAGE: &str = "usage: bench [--mib N] [--repeat R] [--rr N] [--only PAT[,P
   --list      print the workload names and exit
   --legacy-driver  the simulated driver as the tests run it, to see what it costs: a kick after
               every TX packet and RX refill, bulk RX queued and received byte by byte, the TX
-              source at page offset 16 (aliasing the guest's copy modulo 4 KiB)";
+              source at page offset 16 (aliasing the guest's copy modulo 4 KiB)
+  --pin D,R   pins each device thread to CPU D and the guest and host threads to CPU R";
 
 fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
@@ -129,6 +142,7 @@ fn parse_args() -> Result<Opts, String> {
         list: false,
         quick: false,
         legacy: false,
+        pin: None,
     };
     let mut args = std::env::args().skip(1);
     let num = |a: &str, v: Option<String>, max: u64| -> Result<u64, String> {
@@ -152,6 +166,14 @@ fn parse_args() -> Result<Opts, String> {
             "--tsv" => o.tsv = true,
             "--list" => o.list = true,
             "--legacy-driver" => o.legacy = true,
+            "--pin" => {
+                let v = args.next().ok_or("--pin needs D,R")?;
+                let cpus: Vec<usize> = v.split(',').filter_map(|c| c.parse().ok()).collect();
+                match cpus[..] {
+                    [d, r] if d < 1024 && r < 1024 => o.pin = Some((d, r)),
+                    _ => return Err(format!("--pin: {v:?} is not two CPU numbers D,R")),
+                }
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -318,6 +340,10 @@ fn main() -> ExitCode {
     // Two fds per connection and the device's own: beyond a default soft limit of 1024.
     let _ = vsock_router::sys::raise_fd_limit(8192);
     LEGACY.store(o.legacy, Ordering::Relaxed);
+    if let Some((d, r)) = o.pin {
+        PIN[0].store(d + 1, Ordering::Relaxed);
+        PIN[1].store(r + 1, Ordering::Relaxed);
+    }
     let head = format!(
         "bench: {} MiB per bulk/conns run, {} round trips per rr run, {} runs each; \
          CPU columns are medians (dev = device thread, guest = simulated driver + guest app, \
@@ -325,7 +351,16 @@ fn main() -> ExitCode {
         o.mib,
         o.rr,
         o.repeat,
-        if o.legacy { "; LEGACY DRIVER" } else { "" }
+        match (o.legacy, o.pin) {
+            (false, None) => String::new(),
+            (l, p) => format!(
+                ";{}{}",
+                if l { " LEGACY DRIVER" } else { "" },
+                p.map_or(String::new(), |(d, r)| format!(
+                    " device on CPU {d}, the rest on CPU {r}"
+                ))
+            ),
+        }
     );
     if o.tsv {
         println!("# {head}");

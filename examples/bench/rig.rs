@@ -97,6 +97,11 @@ impl Rig {
         g.buf_alloc = buf_alloc;
         g.event_idx_kicks = !crate::legacy();
         let dev_tid = cpu::device_tid(cid).ok_or("no device thread found")?;
+        if let Some((dev_cpu, rest_cpu)) = crate::pinned() {
+            cpu::pin(dev_tid, dev_cpu)?;
+            // The guest, and the host threads it spawns from now on.
+            cpu::pin(0, rest_cpu)?;
+        }
         Ok(Rig {
             g,
             counters,
