@@ -10,7 +10,10 @@ use crate::wire::{op, MAX_PAYLOAD};
 
 /// Where a socket's received bytes go when the application consumes them at once: called with
 /// each RW packet's payload (one bulk copy out of guest memory, never byte by byte).
-pub struct Sink(Box<dyn FnMut(&[u8]) + Send>);
+pub struct Sink(Box<SinkFn>);
+
+/// What a [`Sink`] calls.
+type SinkFn = dyn FnMut(&[u8]) + Send;
 
 impl Sink {
     /// A sink that calls `f` with each payload.
