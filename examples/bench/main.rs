@@ -93,7 +93,7 @@ pub struct Sample {
 
 #[derive(Clone, Debug)]
 enum Work {
-    Memcpy(usize),
+    Memcpy(usize, usize),
     Bulk(Kind, Dir, u32),
     Rr(Kind),
     Conns(Kind, usize, bool),
@@ -189,8 +189,12 @@ fn parse_args() -> Result<Opts, String> {
 
 fn workloads() -> Vec<(String, Work)> {
     let mut w = vec![
-        ("memcpy/64k-hot".to_string(), Work::Memcpy(64 * 1024)),
-        ("memcpy/64k-32m".to_string(), Work::Memcpy(32 << 20)),
+        ("memcpy/64k-hot".to_string(), Work::Memcpy(64 * 1024, 0)),
+        ("memcpy/64k-32m".to_string(), Work::Memcpy(32 << 20, 0)),
+        (
+            "memcpy/64k-hot-dst+28".to_string(),
+            Work::Memcpy(64 * 1024, 28),
+        ),
     ];
     let layouts = [
         ("linear", TxLayout::Linear),
@@ -230,7 +234,9 @@ fn workloads() -> Vec<(String, Work)> {
 fn run_once(work: &Work, o: &Opts) -> Result<Sample, String> {
     let bytes = o.mib << 20;
     match work {
-        Work::Memcpy(span) => memcpy::run(*span, if o.quick { 512 << 20 } else { 4 << 30 }),
+        Work::Memcpy(span, off) => {
+            memcpy::run(*span, *off, if o.quick { 512 << 20 } else { 4 << 30 })
+        }
         Work::Bulk(kind, dir, ba) => bulk::run(*kind, dir, *ba, bytes),
         Work::Rr(kind) => rr::run(*kind, o.rr),
         Work::Conns(kind, n, to_guest) => conns::run(*kind, *n, *to_guest, bytes),
