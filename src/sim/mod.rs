@@ -17,15 +17,18 @@
 pub(crate) mod backend;
 mod drive;
 mod guards;
+mod kick;
 mod memory;
 mod queue;
 mod rx;
+mod sink;
 mod socket;
 mod sockets;
 
 pub use backend::{PairBackend, PairHost};
 pub use queue::{Buf, DriverQueue, RawDesc};
 pub use rx::RxLayout;
+pub use sink::Sink;
 pub use socket::{SimSock, SockState};
 
 use std::collections::{HashMap, VecDeque};
@@ -58,6 +61,11 @@ const RX_BUFS: u64 = 0x10_0000;
 const RX_BUF_LEN: u32 = HEADER_LEN as u32 + RX_BUF_PAYLOAD;
 const RX_STRIDE: u64 = 0x1040;
 const TX_BUFS: u64 = 0x180_0000;
+/// Where in its 4 KiB page the guest writes every TX payload (each TX buffer starts on a page,
+/// its payload right behind the 44-byte header). A source buffer at the same page offset copies
+/// at full speed; one 1–63 bytes before it aliases modulo 4 KiB, which makes glibc's `memcpy`
+/// many times slower on some machines (see `docs/performance.md`).
+pub const TX_PAYLOAD_PAGE_OFFSET: usize = HEADER_LEN;
 const TX_STRIDE: u64 = 0x1_1000;
 const EVT_BUFS: u64 = 0x30_0000;
 
@@ -106,6 +114,15 @@ pub struct SimGuest {
     next_port: u32,
     /// Interrupts seen.
     pub interrupts: u64,
+    /// Whether the guest kicks only when the device asked for it (EVENT_IDX `avail_event`, as
+    /// Linux does), instead of after every TX packet and RX refill (the default).
+    pub event_idx_kicks: bool,
+    /// Kicks written to the device's kick fds by [`SimGuest::send_packet`] and
+    /// [`SimGuest::fill_rx`].
+    pub kicks_sent: u64,
+    /// Kicks those skipped because the device had not asked for one
+    /// ([`SimGuest::event_idx_kicks`]).
+    pub kicks_skipped: u64,
     /// Every packet received, oldest first (the test may clear it).
     pub received: Vec<Header>,
     /// Rule breaks by the device that the guest noticed (must stay empty).
@@ -192,6 +209,9 @@ impl SimGuest {
             accepted: VecDeque::new(),
             next_port: 50_000,
             interrupts: 0,
+            event_idx_kicks: false,
+            kicks_sent: 0,
+            kicks_skipped: 0,
             received: Vec::new(),
             violations: Vec::new(),
             answer_unknown: true,
@@ -200,7 +220,7 @@ impl SimGuest {
             detached: Vec::new(),
             rx_posted: 0,
             marks,
-            rx_buf: vec![0; RX_BUF_PAYLOAD as usize],
+            rx_buf: vec![0; rx::SCRATCH_LEN],
         };
         g.write_guards();
         g.post_event_buffers();
@@ -284,6 +304,7 @@ impl SimGuest {
             self.pump(Duration::from_millis(50));
         }
         let head = self.txq.peek_free().expect("checked");
+        let old_idx = self.txq.avail_idx();
         let base = TX_BUFS + TX_STRIDE * u64::from(head);
         let hdr = h.encode();
         self.mem.write_slice(&hdr, GuestAddress(base)).unwrap();
@@ -335,7 +356,7 @@ impl SimGuest {
         }
         let got = self.txq.add(&self.mem, &bufs).expect("descriptors checked");
         debug_assert_eq!(got, head);
-        self.kick(1);
+        self.notify(1, old_idx);
     }
 
     /// Waits up to `timeout` for an interrupt, then handles every used buffer. Returns whether

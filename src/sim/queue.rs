@@ -187,6 +187,25 @@ impl DriverQueue {
         .unwrap();
     }
 
+    /// The avail index the driver has published (or staged) so far.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Whether the device asked to be notified of the chains published since the avail index
+    /// was `old` (EVENT_IDX `avail_event`, as Linux's `virtqueue_kick_prepare` decides): the
+    /// device wants a kick only if the index it will look at next lies in `[old, new)`. While
+    /// it is still busy with earlier chains its `avail_event` lags behind, and no kick is due.
+    pub fn kick_needed(&self, mem: &GuestMemory, old: u16) -> bool {
+        // The avail index must be visible before the device's `avail_event` is read (Linux's
+        // `virtio_mb` in `virtqueue_kick_prepare_split`).
+        fence(Ordering::SeqCst);
+        let at = self.used.unchecked_add(4 + 8 * u64::from(self.size));
+        let event: u16 = mem.load(at, Ordering::Acquire).unwrap();
+        let new = self.avail_idx;
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
     /// Writes an arbitrary avail index (hostile tests).
     pub fn force_avail_idx(&mut self, mem: &GuestMemory, idx: u16) {
         self.avail_idx = idx;
@@ -256,6 +275,37 @@ mod tests {
 
     fn mem() -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap()
+    }
+
+    #[test]
+    fn a_kick_is_needed_only_when_avail_event_lies_in_the_new_range() {
+        let m = mem();
+        let mut q = DriverQueue::new(&m, 8, 0x1000, 0x2000, 0x3000);
+        let event_at = q.used.unchecked_add(4 + 8 * 8);
+        let set_event = |e: u16| m.store(e, event_at, Ordering::Release).unwrap();
+        q.force_avail_idx(&m, 3);
+        let old = q.avail_idx();
+        q.stage(&m, 0);
+        q.stage(&m, 1);
+        q.commit(&m);
+        set_event(3);
+        assert!(q.kick_needed(&m, old), "the device waits for index 3");
+        set_event(4);
+        assert!(q.kick_needed(&m, old), "index 4 is among the new ones");
+        set_event(5);
+        assert!(!q.kick_needed(&m, old), "it waits for a later index");
+        set_event(1);
+        assert!(!q.kick_needed(&m, old), "still busy with earlier chains");
+        // Across the wrap of the 16-bit index.
+        q.force_avail_idx(&m, u16::MAX);
+        let old = q.avail_idx();
+        q.stage(&m, 2);
+        q.stage(&m, 3);
+        q.commit(&m);
+        set_event(0);
+        assert!(q.kick_needed(&m, old));
+        set_event(u16::MAX - 1);
+        assert!(!q.kick_needed(&m, old));
     }
 
     #[test]

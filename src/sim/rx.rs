@@ -70,11 +70,12 @@ impl SimGuest {
             }
             heads.push(head);
         }
+        let old_idx = self.rxq.avail_idx();
         self.rxq.write_descs(&self.mem, &descs);
         self.rxq.stage_all(&self.mem, &heads);
         self.rx_posted += chains;
         self.rxq.commit(&self.mem);
-        self.kick(0);
+        self.notify(0, old_idx);
     }
 
     /// Takes back every RX buffer the device filled and hands its packet to the socket layer.
@@ -85,7 +86,7 @@ impl SimGuest {
         // The guest's own buffer, unless a pump further up (sending a reply can wait for TX
         // descriptors, and so pump) holds it.
         let mut payload = std::mem::take(&mut self.rx_buf);
-        payload.resize(RX_BUF_PAYLOAD as usize, 0);
+        payload.resize(SCRATCH_LEN, 0);
         while let Some((head, len)) = self.rxq.pop_used(&self.mem) {
             any = true;
             self.rx_posted -= 1;
@@ -117,12 +118,26 @@ impl SimGuest {
                     .push(format!("RX used length {len} but header len {}", h.len));
             }
             let plen = plen.min(RX_BUF_PAYLOAD as usize);
-            self.mem.read_slice(&mut payload[..plen], at).unwrap();
-            self.on_packet(&h, &payload[..plen]);
+            // Copied at the payload's own page offset, so that the copy never aliases
+            // modulo 4 KiB (see `TX_PAYLOAD_PAGE_OFFSET`).
+            let from = same_page_offset(&payload, at.0);
+            let dst = &mut payload[from..from + plen];
+            self.mem.read_slice(dst, at).unwrap();
+            self.on_packet(&h, &payload[from..from + plen]);
         }
         self.rx_buf = payload;
         any
     }
+}
+
+/// Room for one RX payload at any page offset.
+pub(super) const SCRATCH_LEN: usize = 4096 + RX_BUF_PAYLOAD as usize;
+
+/// Where in `buf` a copy of guest address `addr` starts at the same offset within its page.
+fn same_page_offset(buf: &[u8], addr: u64) -> usize {
+    let at = buf.as_ptr() as usize % 4096;
+    let want = (addr % 4096) as usize;
+    (want + 4096 - at) % 4096
 }
 
 fn desc(id: u16, len: u32, flags: u16, next: u16) -> RawDesc {

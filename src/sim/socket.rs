@@ -2,7 +2,8 @@
 
 use std::collections::VecDeque;
 
-use crate::wire::{shutdown, Header};
+use super::Sink;
+use crate::wire::{shutdown, Header, MAX_PAYLOAD};
 
 /// State of a guest socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub struct SimSock {
     pub peer_shutdown: u32,
     /// Shutdown flags we sent.
     pub local_shutdown: u32,
+    /// Where received bytes go instead of [`SimSock::rx`], consumed at once (see
+    /// [`SimGuest::set_sink`](super::SimGuest::set_sink)).
+    pub sink: Option<Sink>,
 }
 
 impl SimSock {
@@ -68,6 +72,7 @@ impl SimSock {
             tx_cnt: 0,
             peer_shutdown: 0,
             local_shutdown: 0,
+            sink: None,
         }
     }
 
@@ -81,6 +86,17 @@ impl SimSock {
     pub fn peer_credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// Counts `n` bytes as consumed by the application; returns whether a CREDIT_UPDATE is due,
+    /// as Linux sends one when the device's view of our free space falls below 64 KiB.
+    pub fn consume(&mut self, n: usize) -> bool {
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+        let unsent = self
+            .fwd_cnt
+            .wrapping_sub(self.last_fwd_sent)
+            .min(self.buf_alloc);
+        n > 0 && self.buf_alloc - unsent < MAX_PAYLOAD
     }
 
     /// Whether no more bytes will arrive (peer shut its sending side, or reset).

@@ -24,7 +24,7 @@ impl SimGuest {
         }
     }
 
-    fn send_ctl(&mut self, port: u32, op: u16, flags: u32) {
+    pub(super) fn send_ctl(&mut self, port: u32, op: u16, flags: u32) {
         let Some(s) = self.socks.get(&port) else {
             return;
         };
@@ -106,8 +106,16 @@ impl SimGuest {
                             s.buf_alloc
                         ));
                     }
-                    s.rx.extend(payload);
                     s.rx_total += payload.len() as u64;
+                    match s.sink.as_mut() {
+                        Some(sink) => {
+                            sink.take(payload);
+                            if s.consume(payload.len()) {
+                                reply = Some(op::CREDIT_UPDATE);
+                            }
+                        }
+                        None => s.rx.extend(payload),
+                    }
                 }
                 (_, op::SHUTDOWN) => {
                     s.peer_shutdown |= h.flags & shutdown::BOTH;
@@ -183,15 +191,23 @@ impl SimGuest {
                 continue;
             }
             let n = credit.min(MAX_PAYLOAD as usize).min(data.len() - off);
-            let h = self.header(s, op::RW, n as u32, 0);
-            let s = self.socks.get_mut(&port).expect("checked");
-            s.tx_cnt = s.tx_cnt.wrapping_add(n as u32);
-            s.last_fwd_sent = s.fwd_cnt;
-            self.send_packet(&h, &data[off..off + n]);
+            self.send_rw(port, &data[off..off + n]);
             off += n;
             self.pump(Duration::ZERO);
         }
         Ok(())
+    }
+
+    /// Sends `data` (at most 64 KiB, within the credit) as one RW packet on the socket `port`.
+    pub(super) fn send_rw(&mut self, port: u32, data: &[u8]) {
+        let Some(s) = self.socks.get(&port) else {
+            return;
+        };
+        let h = self.header(s, op::RW, data.len() as u32, 0);
+        let s = self.socks.get_mut(&port).expect("checked");
+        s.tx_cnt = s.tx_cnt.wrapping_add(data.len() as u32);
+        s.last_fwd_sent = s.fwd_cnt;
+        self.send_packet(&h, data);
     }
 
     /// Takes up to `max` received bytes from `port`, and sends a credit update the way Linux
@@ -202,9 +218,7 @@ impl SimGuest {
         };
         let n = max.min(s.rx.len());
         let out: Vec<u8> = s.rx.drain(..n).collect();
-        s.fwd_cnt = s.fwd_cnt.wrapping_add(n as u32);
-        let free = s.buf_alloc - s.fwd_cnt.wrapping_sub(s.last_fwd_sent).min(s.buf_alloc);
-        if n > 0 && free < MAX_PAYLOAD {
+        if s.consume(n) {
             self.send_ctl(port, op::CREDIT_UPDATE, 0);
         }
         out
