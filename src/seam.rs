@@ -1,11 +1,14 @@
 //! The seam between the connection table and the host side: the [`Backend`] trait the device
 //! drives, and the values that cross it. The router implements it in production, socket pairs
-//! in tests; backends produce its [`Incoming`] connections. Depends only on [`crate::stream`].
+//! in tests; backends produce its [`Incoming`] connections. Depends only on [`crate::stream`]
+//! and [`crate::wire`].
 
 use std::os::fd::RawFd;
 use std::time::Instant;
 
 use crate::stream::VsockStream;
+pub use crate::wire::SockType;
+
 /// The path a connection took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Path {
@@ -49,6 +52,8 @@ pub struct ConnectRequest {
     pub dst_cid: u64,
     /// The port the guest connects to.
     pub dst_port: u32,
+    /// The socket type the guest asked for: the host side is opened with the same type.
+    pub sock_type: SockType,
 }
 
 /// What a host-side stream carries.
@@ -115,6 +120,9 @@ pub struct Incoming<S> {
     pub framing: Framing,
     /// How the connection was routed.
     pub route: RouteInfo,
+    /// The socket type the guest will see in the REQUEST ([`Framing::Bytes`] only; a relayed
+    /// REQUEST carries its own).
+    pub sock_type: SockType,
 }
 
 /// The host side of a vsock device.

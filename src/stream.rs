@@ -27,6 +27,21 @@ pub trait VsockStream: AsRawFd + Send {
         sys::sendmsg(self.as_raw_fd(), iov)
     }
 
+    /// Sends one whole message of a `SOCK_SEQPACKET` socket (`sendmsg(2)`, with `MSG_EOR` when
+    /// `eor`): it goes whole or not at all (`WouldBlock`; `EMSGSIZE` when the socket can never
+    /// take it).
+    fn send_msg(&mut self, iov: &IoVecs<'_>, eor: bool) -> io::Result<usize> {
+        let flags = if eor { libc::MSG_EOR } else { 0 };
+        sys::sendmsg_flags(self.as_raw_fd(), iov, flags)
+    }
+
+    /// Receives one message of a `SOCK_SEQPACKET` socket into the iovecs; the result tells its
+    /// whole length, so a message longer than the iovecs is seen as cut, never taken for a
+    /// shorter one.
+    fn recv_msg(&mut self, iov: &IoVecs<'_>) -> io::Result<sys::MsgIn> {
+        sys::recvmsg(self.as_raw_fd(), iov)
+    }
+
     /// Consumes up to `buf.len()` bytes into `buf` (`recv(2)`).
     fn recv_bytes(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         sys::recv(self.as_raw_fd(), buf, false)

@@ -37,7 +37,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::backoff::AcceptBackoff;
 use super::stream::SockStream;
 use super::{AcceptReply, Framing, Incoming};
-use crate::seam::{Path, RouteInfo};
+use crate::seam::{Path, RouteInfo, SockType};
 use crate::stats::Counters;
 use crate::sys;
 use crate::wire::line::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
@@ -100,6 +100,7 @@ impl LineKind {
                     path: Path::Host,
                     to_host: false,
                 },
+                sock_type: SockType::Stream,
             }),
             (
                 LineKind::Registry,
@@ -132,6 +133,7 @@ impl LineKind {
                         path: Path::Sibling,
                         to_host: false,
                     },
+                    sock_type: SockType::Stream,
                 })
             }
             _ => None,

@@ -17,7 +17,7 @@ use super::stream::SockStream;
 use super::unix::BoundSocket;
 use super::uplink::UplinkSpec;
 use super::{vsock, AcceptReply, Framing, Incoming};
-use crate::seam::{Path, RouteInfo};
+use crate::seam::{Path, RouteInfo, SockType};
 
 /// Connections accepted per listener per [`ListenBackend::process`] call at most.
 const ACCEPT_BATCH: usize = 64;
@@ -176,6 +176,7 @@ impl ListenBackend {
                     path: Path::Uplink,
                     to_host: false,
                 },
+                sock_type: SockType::Stream,
             });
         }
     }

@@ -23,7 +23,7 @@ use super::rxq::RxQueue;
 use super::table::{ConnId, Key, Table};
 use super::timers::Timers;
 use crate::seam::{
-    AcceptReply, Backend, ConnectRequest, Framing, Incoming, Path, Refusal, RouteInfo,
+    AcceptReply, Backend, ConnectRequest, Framing, Incoming, Path, Refusal, RouteInfo, SockType,
 };
 use crate::stats::{Counters, RstReason, RstState};
 use crate::stream::Readiness;
@@ -225,6 +225,7 @@ impl<B: Backend> Muxer<B> {
             guest_port: h.src_port,
             dst_cid: h.dst_cid,
             dst_port: h.dst_port,
+            sock_type: SockType::from_wire(h.type_).unwrap_or_default(),
         };
         match self.backend.connect(&req) {
             Ok(out) => {

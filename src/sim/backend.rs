@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{AcceptReply, Backend, ConnectRequest, Framing, Incoming, Outgoing, Refusal};
-use crate::seam::{Path, RouteInfo};
+use crate::seam::{Path, RouteInfo, SockType};
 
 /// A host-initiated connection the test opened, waiting for the device.
 struct Offer {
@@ -218,6 +218,7 @@ impl Backend for PairBackend {
                     path,
                     to_host: false,
                 },
+                sock_type: SockType::Stream,
             });
         }
     }

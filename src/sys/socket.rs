@@ -21,14 +21,14 @@ pub fn cvt(n: isize) -> io::Result<usize> {
 
 /// A new non-blocking, close-on-exec stream socket of `domain` (`AF_UNIX`, `AF_VSOCK`).
 pub fn stream_socket(domain: libc::c_int) -> io::Result<OwnedFd> {
+    socket(domain, libc::SOCK_STREAM)
+}
+
+/// A new non-blocking, close-on-exec socket of `domain` and type `ty` (`SOCK_STREAM`,
+/// `SOCK_SEQPACKET`).
+pub fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
     cvt(fd as isize)?;
     // SAFETY: `fd` is a fresh socket that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -82,14 +82,50 @@ pub fn readv(fd: RawFd, iov: &IoVecs<'_>) -> io::Result<usize> {
 
 /// `sendmsg(2)` of the iovecs, non-blocking and without SIGPIPE (a closed peer gives `EPIPE`).
 pub fn sendmsg(fd: RawFd, iov: &IoVecs<'_>) -> io::Result<usize> {
+    sendmsg_flags(fd, iov, 0)
+}
+
+/// [`sendmsg`] with more flags (`MSG_EOR`).
+pub fn sendmsg_flags(fd: RawFd, iov: &IoVecs<'_>, flags: libc::c_int) -> io::Result<usize> {
     let raw = iov.as_raw();
     // SAFETY: an all-zero msghdr is valid; the fields set below point to live iovecs.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = raw.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = raw.len() as _;
+    let flags = flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
     // SAFETY: `msg` describes readable memory borrowed for the duration of the call.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
     cvt(n)
+}
+
+/// What [`recvmsg`] of one message of a `SOCK_SEQPACKET` socket got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsgIn {
+    /// The whole message's length: more than the iovecs held when it was cut.
+    pub len: usize,
+    /// The message was longer than the iovecs (`MSG_TRUNC`): its rest is lost.
+    pub truncated: bool,
+    /// The message ends a record (`MSG_EOR`; AF_VSOCK reports it, AF_UNIX never does).
+    pub eor: bool,
+}
+
+/// A non-blocking `recvmsg(2)` of one message into the iovecs, with `MSG_TRUNC` so that the
+/// result tells the message's real length.
+pub fn recvmsg(fd: RawFd, iov: &IoVecs<'_>) -> io::Result<MsgIn> {
+    let raw = iov.as_raw();
+    // SAFETY: an all-zero msghdr is valid; the fields set below point to live iovecs.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = raw.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = raw.len() as _;
+    // SAFETY: `IoVecs` only holds memory valid for writes of its lengths for its lifetime; the
+    // kernel writes at most that, and `msg` lives across the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
+    let len = cvt(n)?;
+    Ok(MsgIn {
+        len,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        eor: msg.msg_flags & libc::MSG_EOR != 0,
+    })
 }
 
 /// `send(2)` of `buf`, non-blocking and without SIGPIPE.

@@ -35,10 +35,56 @@ pub mod op {
 
 /// Socket types (`type` field).
 pub mod sock_type {
-    /// Byte stream (the only type this device serves).
+    /// Byte stream.
     pub const STREAM: u16 = 1;
-    /// Sequential packets.
+    /// Sequential packets: a connection that keeps message boundaries
+    /// (`VIRTIO_VSOCK_F_SEQPACKET`).
     pub const SEQPACKET: u16 = 2;
+}
+
+/// The socket type of a connection, as the device serves it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SockType {
+    /// `SOCK_STREAM`: bytes, no boundaries.
+    #[default]
+    Stream,
+    /// `SOCK_SEQPACKET`: messages, each delivered whole or not at all.
+    Seqpacket,
+}
+
+impl SockType {
+    /// The type of a header's `type` field, `None` for a type that does not exist.
+    pub fn from_wire(t: u16) -> Option<SockType> {
+        match t {
+            sock_type::STREAM => Some(SockType::Stream),
+            sock_type::SEQPACKET => Some(SockType::Seqpacket),
+            _ => None,
+        }
+    }
+
+    /// The value of the header's `type` field.
+    pub fn wire(self) -> u16 {
+        match self {
+            SockType::Stream => sock_type::STREAM,
+            SockType::Seqpacket => sock_type::SEQPACKET,
+        }
+    }
+
+    /// The lowercase name used by the API, metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            SockType::Stream => "stream",
+            SockType::Seqpacket => "seqpacket",
+        }
+    }
+
+    /// The `socket(2)` type of the host-side socket.
+    pub fn libc(self) -> i32 {
+        match self {
+            SockType::Stream => libc::SOCK_STREAM,
+            SockType::Seqpacket => libc::SOCK_SEQPACKET,
+        }
+    }
 }
 
 /// Flags of a SHUTDOWN packet; cumulative.

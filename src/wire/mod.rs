@@ -7,4 +7,6 @@ pub mod header;
 pub mod line;
 
 pub use cid::Cid;
-pub use header::{op, seq, shutdown, sock_type, Header, HEADER_LEN, HOST_CID, MAX_PAYLOAD};
+pub use header::{
+    op, seq, shutdown, sock_type, Header, SockType, HEADER_LEN, HOST_CID, MAX_PAYLOAD,
+};
