@@ -98,6 +98,15 @@ counters!(
         ended_bytes_to_host,
         /// Payload bytes host side → guest of the connections that ended.
         ended_bytes_to_guest,
+        /// SOCK_STREAM connections that ended.
+        ended_stream_conns,
+        /// SOCK_SEQPACKET connections that ended.
+        ended_seqpacket_conns,
+        /// Whole SOCK_SEQPACKET messages guest → host side of the connections that ended (the
+        /// device's own connections; a sibling relay passes messages through uncounted).
+        ended_messages_to_host,
+        /// Whole SOCK_SEQPACKET messages host side → guest of the connections that ended.
+        ended_messages_to_guest,
         /// Times host bytes waited for guest credit (the guest's receive buffer was full, and the
         /// device asked it for credit).
         credit_stalls,
@@ -115,7 +124,9 @@ counters!(
         bad_len,
         /// TX packets with a `src_cid` other than the guest's, dropped unanswered.
         spoofed_src,
-        /// Packets of a socket type other than STREAM, reset.
+        /// Packets of a socket type the device does not serve (one that does not exist, or
+        /// SEQPACKET when the driver did not acknowledge VIRTIO_VSOCK_F_SEQPACKET), reset; and
+        /// host-initiated SEQPACKET connections refused for that reason.
         bad_type,
         /// Packets with an unknown op, reset.
         bad_op,

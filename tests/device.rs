@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{setup, setup_with, GUEST};
+use common::{setup, setup_features, setup_with, GUEST, STREAM_ONLY_FEATURES};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
@@ -283,7 +283,9 @@ fn host_half_close_sends_shutdown_send_only() {
 
 #[test]
 fn unknown_connection_bad_type_and_bad_op_get_rst() {
-    let (mut g, dev, _host) = setup();
+    // A driver that did not acknowledge VIRTIO_VSOCK_F_SEQPACKET: its SEQPACKET REQUEST is a
+    // bad type.
+    let (mut g, dev, _host) = setup_features(STREAM_ONLY_FEATURES);
     g.send_packet(&hdr(9, 2, 99, op::RW), &[]);
     let r = wait_for(&mut g, |h| h.op == op::RST && h.dst_port == 9).expect("RST");
     assert_eq!((r.src_port, r.buf_alloc, r.fwd_cnt), (99, 0, 0));

@@ -10,7 +10,7 @@ use crate::stream::Readiness;
 use crate::stream::VsockStream;
 use crate::vq::chain::Chain;
 use crate::vq::GuestMemory;
-use crate::wire::Header;
+use crate::wire::{Header, SockType};
 
 /// A connection of the table.
 pub enum Conn<S> {
@@ -33,6 +33,20 @@ impl<S: VsockStream> Conn<S> {
     /// The connection's addresses.
     pub fn addr(&self) -> Addr {
         each!(self, c => c.addr())
+    }
+
+    /// The socket type.
+    pub fn sock_type(&self) -> SockType {
+        each!(self, c => c.sock_type())
+    }
+
+    /// Whole SOCK_SEQPACKET messages moved from the guest and to the guest (a relay passes
+    /// them through uncounted; 0 for streams).
+    pub fn messages(&self) -> (u64, u64) {
+        match self {
+            Conn::Stream(c) => c.messages(),
+            Conn::Relay(_) => (0, 0),
+        }
     }
 
     /// Current state.

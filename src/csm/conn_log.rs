@@ -1,14 +1,17 @@
-//! The log lines of connections: one at info when a connection ends (who, which path, bytes,
-//! duration, why), with the same facts as key-value fields for structured logs
-//! (`--log-format json`). Routing decisions are logged at debug where they are made (the
+//! What the end of a connection leaves: its counts ([`count_end`]) and its log line, one at
+//! info (who, which path, bytes, duration, why), with the same facts as key-value fields for
+//! structured logs (`--log-format json`). Routing decisions are logged at debug where they are made (the
 //! muxer); nothing is logged per packet.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::conn::Conn;
 use super::types::KillReason;
 use crate::seam::RouteInfo;
+use crate::stats::{Counters, RstReason};
 use crate::stream::VsockStream;
+use crate::wire::SockType;
 
 /// The connection's one line at info when it ends: who, which path, bytes, duration, why.
 pub(super) fn ended<S: VsockStream>(
@@ -45,4 +48,42 @@ pub(super) fn ended<S: VsockStream>(
         a.local_port,
         route.path.name()
     );
+}
+
+/// Counts the end of `conn`: why it ended, the RST it sent, what it moved.
+pub(super) fn count_end<S: VsockStream>(c: &Counters, conn: &Conn<S>) {
+    let counter = match conn.kill_reason() {
+        Some(KillReason::CreditOverrun) => Some(&c.credit_overrun),
+        Some(KillReason::Protocol) => Some(&c.protocol_error),
+        Some(KillReason::ConnectFailed) => Some(&c.connect_failed),
+        Some(KillReason::Timeout) => Some(&c.timeouts),
+        Some(KillReason::HostError) => Some(&c.host_error),
+        Some(KillReason::GuestReset) | Some(KillReason::Closed) | None => None,
+    };
+    if let Some(counter) = counter {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    if conn.sent_rst() {
+        c.rst_sent(match conn.kill_reason() {
+            Some(KillReason::ConnectFailed) => RstReason::ConnectFailed,
+            None | Some(KillReason::Closed) => RstReason::Close,
+            Some(_) => RstReason::Reset,
+        });
+    }
+    let (to_host, to_guest) = conn.bytes();
+    c.ended_bytes_to_host.fetch_add(to_host, Ordering::Relaxed);
+    c.ended_bytes_to_guest
+        .fetch_add(to_guest, Ordering::Relaxed);
+    if conn.dropped() > 0 {
+        Counters::inc(&c.host_dropped);
+    }
+    Counters::inc(match conn.sock_type() {
+        SockType::Stream => &c.ended_stream_conns,
+        SockType::Seqpacket => &c.ended_seqpacket_conns,
+    });
+    let (msgs_to_host, msgs_to_guest) = conn.messages();
+    c.ended_messages_to_host
+        .fetch_add(msgs_to_host, Ordering::Relaxed);
+    c.ended_messages_to_guest
+        .fetch_add(msgs_to_guest, Ordering::Relaxed);
 }

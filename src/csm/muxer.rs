@@ -22,6 +22,7 @@ use super::relay::Relay;
 use super::rxq::RxQueue;
 use super::table::{ConnId, Key, Table};
 use super::timers::Timers;
+pub use super::types::ConnInfo;
 use crate::seam::{
     AcceptReply, Backend, ConnectRequest, Framing, Incoming, Path, Refusal, RouteInfo, SockType,
 };
@@ -41,31 +42,6 @@ pub trait Watch {
     /// `fd` of connection `id` wants `new` instead of `old` (`None`: not watched; a `new` that
     /// [`Interest::is_none`] means "stop watching"). An error kills the connection.
     fn watch(&self, fd: RawFd, id: ConnId, old: Option<Interest>, new: Interest) -> io::Result<()>;
-}
-
-/// A live connection as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConnInfo {
-    /// Device-side port.
-    pub local_port: u32,
-    /// CID the guest talks to.
-    pub local_cid: u64,
-    /// The guest's CID.
-    pub peer_cid: u64,
-    /// The guest's port.
-    pub peer_port: u32,
-    /// The path taken.
-    pub path: Path,
-    /// Whether the uplink was taken by fallback (`VMADDR_FLAG_TO_HOST`).
-    pub to_host: bool,
-    /// Who opened it: `true` for the guest.
-    pub guest_initiated: bool,
-    /// State name.
-    pub state: &'static str,
-    /// Bytes guest → host.
-    pub bytes_to_host: u64,
-    /// Bytes host → guest.
-    pub bytes_to_guest: u64,
 }
 
 /// Who opened a connection.
@@ -172,7 +148,11 @@ impl<B: Backend> Muxer<B> {
             Counters::inc(&self.counters.spoofed_src);
             return;
         }
-        if h.type_ != sock_type::STREAM {
+        let served =
+            h.type_ == sock_type::STREAM || (h.type_ == sock_type::SEQPACKET && self.cfg.seqpacket);
+        if !served {
+            // A type that does not exist, or SOCK_SEQPACKET for a driver that did not
+            // acknowledge VIRTIO_VSOCK_F_SEQPACKET.
             Counters::inc(&self.counters.bad_type);
             if h.op != op::RST {
                 self.queue_rst(h.rst_reply(), RstReason::Invalid);
@@ -325,6 +305,15 @@ impl<B: Backend> Muxer<B> {
                 Counters::inc(&self.counters.conn_limit);
                 continue;
             }
+            if inc.sock_type == SockType::Seqpacket && !self.cfg.seqpacket {
+                log::info!(
+                    "vsock: a SOCK_SEQPACKET connection to guest port {} refused: the guest's \
+                     driver did not acknowledge VIRTIO_VSOCK_F_SEQPACKET",
+                    inc.guest_port
+                );
+                Counters::inc(&self.counters.bad_type);
+                continue;
+            }
             let (port, ephemeral) = match inc.src_port {
                 Some(p) => (p, false),
                 None => match self.ports.alloc() {
@@ -381,7 +370,13 @@ impl<B: Backend> Muxer<B> {
                     AcceptReply::HybridOk => Some(ok_line(addr.local_port).into_bytes()),
                 };
                 Conn::Stream(Connection::host_initiated(
-                    inc.stream, addr, inc.prefix, reply, self.cfg, now,
+                    inc.stream,
+                    inc.sock_type,
+                    addr,
+                    inc.prefix,
+                    reply,
+                    self.cfg,
+                    now,
                 ))
             }
             Framing::Packets => {
@@ -505,7 +500,7 @@ impl<B: Backend> Muxer<B> {
             if let Origin::Host { ephemeral: true } = e.origin {
                 self.ports.free(a.local_port);
             }
-            self.count_end(&e.conn);
+            super::conn_log::count_end(&self.counters, &e.conn);
             super::conn_log::ended(
                 &e.conn,
                 e.route,
@@ -541,35 +536,6 @@ impl<B: Backend> Muxer<B> {
         }
     }
 
-    fn count_end(&self, conn: &Conn<B::Stream>) {
-        let c = &self.counters;
-        let counter = match conn.kill_reason() {
-            Some(KillReason::CreditOverrun) => Some(&c.credit_overrun),
-            Some(KillReason::Protocol) => Some(&c.protocol_error),
-            Some(KillReason::ConnectFailed) => Some(&c.connect_failed),
-            Some(KillReason::Timeout) => Some(&c.timeouts),
-            Some(KillReason::HostError) => Some(&c.host_error),
-            Some(KillReason::GuestReset) | Some(KillReason::Closed) | None => None,
-        };
-        if let Some(counter) = counter {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        if conn.sent_rst() {
-            c.rst_sent(match conn.kill_reason() {
-                Some(KillReason::ConnectFailed) => RstReason::ConnectFailed,
-                None | Some(KillReason::Closed) => RstReason::Close,
-                Some(_) => RstReason::Reset,
-            });
-        }
-        let (to_host, to_guest) = conn.bytes();
-        c.ended_bytes_to_host.fetch_add(to_host, Ordering::Relaxed);
-        c.ended_bytes_to_guest
-            .fetch_add(to_guest, Ordering::Relaxed);
-        if conn.dropped() > 0 {
-            Counters::inc(&c.host_dropped);
-        }
-    }
-
     /// A snapshot of every live connection.
     pub fn snapshot(&self) -> Vec<ConnInfo> {
         self.table
@@ -577,7 +543,9 @@ impl<B: Backend> Muxer<B> {
             .map(|(_, e)| {
                 let a = e.conn.addr();
                 let (to_host, to_guest) = e.conn.bytes();
+                let (messages_to_host, messages_to_guest) = e.conn.messages();
                 ConnInfo {
+                    sock_type: e.conn.sock_type(),
                     local_port: a.local_port,
                     local_cid: a.local_cid,
                     peer_cid: a.peer_cid,
@@ -588,6 +556,8 @@ impl<B: Backend> Muxer<B> {
                     state: e.conn.state().name(),
                     bytes_to_host: to_host,
                     bytes_to_guest: to_guest,
+                    messages_to_host,
+                    messages_to_guest,
                 }
             })
             .collect()

@@ -27,7 +27,7 @@ use crate::stream::Readiness;
 use crate::stream::VsockStream;
 use crate::vq::chain::Chain;
 use crate::vq::GuestMemory;
-use crate::wire::{op, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
+use crate::wire::{op, shutdown, sock_type, Header, SockType, HEADER_LEN, MAX_PAYLOAD};
 
 /// How long a connection that one side closed (SHUTDOWN with both flags) may wait for an RST
 /// before the device resets it both ways: longer than the kernel's own close timeout (8 s), so
@@ -111,6 +111,11 @@ impl<S: VsockStream> Relay<S> {
             bytes_to_sibling: 0,
             bytes_to_guest: 0,
         }
+    }
+
+    /// The socket type (STREAM until an offered link's REQUEST said otherwise).
+    pub fn sock_type(&self) -> SockType {
+        SockType::from_wire(self.type_).unwrap_or_default()
     }
 
     /// Our guest's REQUEST `req` to a sibling, over the `link` just opened: the REQUEST is its
@@ -393,7 +398,10 @@ impl<S: VsockStream> Relay<S> {
         }
         if let Phase::Offering { delivered: false } = self.phase {
             // The first packet of an offered link is the sibling guest's REQUEST.
-            if h.op != op::REQUEST || h.type_ != sock_type::STREAM {
+            // A SOCK_SEQPACKET request needs our guest's driver to know the type.
+            let served = h.type_ == sock_type::STREAM
+                || (h.type_ == sock_type::SEQPACKET && self.cfg.seqpacket);
+            if h.op != op::REQUEST || !served {
                 return Err(KillReason::Protocol);
             }
             self.type_ = h.type_;

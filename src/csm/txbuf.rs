@@ -114,6 +114,14 @@ impl TxBuf {
         iov.push_buf(&mut low[..len - first]);
     }
 
+    /// Drops the last `n` waiting bytes (they will never be written).
+    pub fn drop_tail(&mut self, n: usize) {
+        self.len -= n.min(self.len);
+        if self.len == 0 {
+            self.head = 0;
+        }
+    }
+
     /// Drops the first `n` waiting bytes (they were written).
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.len);

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use crate::seam::Path;
+use crate::wire::SockType;
+
 /// Default time the guest has to answer a host-initiated REQUEST, as Firecracker and Cloud
 /// Hypervisor.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -22,6 +25,9 @@ pub struct CsmConfig {
     pub connect_timeout: Duration,
     /// How long a connection shut down both ways may linger before it is reset.
     pub linger: Duration,
+    /// The driver acknowledged `VIRTIO_VSOCK_F_SEQPACKET`: SOCK_SEQPACKET connections are
+    /// served (the device sets it at activation; without it they are reset).
+    pub seqpacket: bool,
 }
 
 impl Default for CsmConfig {
@@ -31,6 +37,7 @@ impl Default for CsmConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             linger: Duration::from_secs(2),
+            seqpacket: false,
         }
     }
 }
@@ -118,4 +125,35 @@ pub struct Addr {
     pub peer_cid: u64,
     /// The guest's port.
     pub peer_port: u32,
+}
+
+/// A live connection as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The socket type.
+    pub sock_type: SockType,
+    /// Device-side port.
+    pub local_port: u32,
+    /// CID the guest talks to.
+    pub local_cid: u64,
+    /// The guest's CID.
+    pub peer_cid: u64,
+    /// The guest's port.
+    pub peer_port: u32,
+    /// The path taken.
+    pub path: Path,
+    /// Whether the uplink was taken by fallback (`VMADDR_FLAG_TO_HOST`).
+    pub to_host: bool,
+    /// Who opened it: `true` for the guest.
+    pub guest_initiated: bool,
+    /// State name.
+    pub state: &'static str,
+    /// Bytes guest → host.
+    pub bytes_to_host: u64,
+    /// Bytes host → guest.
+    pub bytes_to_guest: u64,
+    /// Whole SOCK_SEQPACKET messages guest → host (0 for streams and relayed connections).
+    pub messages_to_host: u64,
+    /// Whole SOCK_SEQPACKET messages host → guest (0 for streams and relayed connections).
+    pub messages_to_guest: u64,
 }

@@ -11,4 +11,4 @@ pub mod vsock;
 pub mod worker;
 
 pub use subscriber::VsockSubscriber;
-pub use vsock::{DeviceConfig, DeviceHandle, RunMode, VsockDevice};
+pub use vsock::{DeviceConfig, DeviceHandle, RunMode, VsockDevice, VIRTIO_VSOCK_F_SEQPACKET};

@@ -21,6 +21,9 @@ use crate::stats::Counters;
 /// The virtio device ID of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 
+/// `VIRTIO_VSOCK_F_SEQPACKET`: the device serves SOCK_SEQPACKET connections (Linux acks it).
+pub const VIRTIO_VSOCK_F_SEQPACKET: u32 = 1;
+
 /// Queue size offered by default.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
@@ -211,7 +214,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
     }
 
     fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_SEQPACKET)
     }
 
     fn ack_features(&mut self, features: u64) -> Result<(), FeatureError> {
@@ -275,9 +278,13 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
                 return Err(ActivateError::Worker(e));
             }
         };
+        let csm = CsmConfig {
+            seqpacket: self.acked & (1 << VIRTIO_VSOCK_F_SEQPACKET) != 0,
+            ..self.cfg.csm
+        };
         let muxer = Muxer::new(
             self.cfg.guest_cid,
-            self.cfg.csm,
+            csm,
             self.cfg.max_connections,
             backend,
             self.counters.clone(),

@@ -86,6 +86,7 @@ pub fn relay(data: &[u8]) {
         request_timeout: ms(inp.u8()),
         connect_timeout: ms(inp.u8()),
         linger: ms(inp.u8()),
+        seqpacket: true,
     };
     let base = Instant::now();
     let mut clock = Duration::ZERO;

@@ -20,6 +20,7 @@ struct Offer {
     relay_from: Option<(u64, u32)>,
     /// Runs on the device thread right before the device gets the connection.
     before: Option<Box<dyn FnOnce() + Send>>,
+    sock_type: SockType,
 }
 
 #[derive(Default)]
@@ -52,6 +53,33 @@ pub(crate) fn set_buf(s: &UnixStream, size: usize) {
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         let _ = crate::sys::set_int_option(s.as_raw_fd(), libc::SOL_SOCKET, opt, size as i32);
     }
+}
+
+/// A connected pair of Unix sockets of `ty` (a `SOCK_SEQPACKET` pair is wrapped as a
+/// `UnixStream` too: `read` and `write` on it take and send one message each).
+pub fn socket_pair(ty: SockType) -> std::io::Result<(UnixStream, UnixStream)> {
+    if ty == SockType::Stream {
+        return UnixStream::pair();
+    }
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors the call writes.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    crate::sys::cvt(r as isize)?;
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    Ok(unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            UnixStream::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 impl PairBackend {
@@ -106,7 +134,13 @@ impl PairHost {
     /// Opens a host-initiated connection to guest `port`; `prefix` plays bytes the client sent
     /// with its handshake. Returns the host end.
     pub fn connect(&self, port: u32, prefix: &[u8]) -> UnixStream {
-        self.offer(port, prefix, None, None)
+        self.offer(port, prefix, None, None, SockType::Stream)
+    }
+
+    /// Opens a host-initiated SOCK_SEQPACKET connection to guest `port` (a socket pair of that
+    /// type). Returns the host end.
+    pub fn connect_seq(&self, port: u32) -> UnixStream {
+        self.offer(port, &[], None, None, SockType::Seqpacket)
     }
 
     /// Opens a relay link as a sibling device would: the sibling guest `src_cid`, port
@@ -122,7 +156,13 @@ impl PairHost {
         prefix: &[u8],
         before: Option<Box<dyn FnOnce() + Send>>,
     ) -> UnixStream {
-        self.offer(port, prefix, Some((src_cid, src_port)), before)
+        self.offer(
+            port,
+            prefix,
+            Some((src_cid, src_port)),
+            before,
+            SockType::Stream,
+        )
     }
 
     fn offer(
@@ -131,8 +171,9 @@ impl PairHost {
         prefix: &[u8],
         relay_from: Option<(u64, u32)>,
         before: Option<Box<dyn FnOnce() + Send>>,
+        sock_type: SockType,
     ) -> UnixStream {
-        let (dev, host) = UnixStream::pair().expect("socketpair");
+        let (dev, host) = socket_pair(sock_type).expect("socketpair");
         dev.set_nonblocking(true).expect("nonblocking");
         let mut sh = self.shared.lock().unwrap();
         if let Some(size) = sh.sock_buf {
@@ -145,6 +186,7 @@ impl PairHost {
             prefix: prefix.to_vec(),
             relay_from,
             before,
+            sock_type,
         });
         drop(sh);
         self.wake.write(1).expect("wake");
@@ -161,7 +203,13 @@ impl Backend for PairBackend {
         if sh.refuse {
             return Err(Refusal::ConnectFailed);
         }
-        let (dev, host) = UnixStream::pair().map_err(|_| Refusal::ConnectFailed)?;
+        // Relay links carry frames over a byte stream, whatever the connection's type.
+        let ty = if sh.relay {
+            SockType::Stream
+        } else {
+            req.sock_type
+        };
+        let (dev, host) = socket_pair(ty).map_err(|_| Refusal::ConnectFailed)?;
         dev.set_nonblocking(true)
             .map_err(|_| Refusal::ConnectFailed)?;
         if let Some(size) = sh.sock_buf {
@@ -218,7 +266,7 @@ impl Backend for PairBackend {
                     path,
                     to_host: false,
                 },
-                sock_type: SockType::Stream,
+                sock_type: o.sock_type,
             });
         }
     }

@@ -21,11 +21,12 @@ mod kick;
 mod memory;
 mod queue;
 mod rx;
+mod seqpacket;
 mod sink;
 mod socket;
 mod sockets;
 
-pub use backend::{PairBackend, PairHost};
+pub use backend::{socket_pair, PairBackend, PairHost};
 pub use queue::{Buf, DriverQueue, RawDesc};
 pub use rx::RxLayout;
 pub use sink::Sink;
@@ -46,6 +47,11 @@ use crate::backend::Backend;
 use crate::device::virtio::{ActivateContext, EventFdInterrupt, GuestMemory, VirtioDevice};
 use crate::device::{DeviceConfig, VsockDevice};
 use crate::wire::{Header, HEADER_LEN};
+
+/// The features a Linux driver acknowledges: VERSION_1, EVENT_IDX and SEQPACKET.
+pub const LINUX_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << crate::device::VIRTIO_VSOCK_F_SEQPACKET);
 
 /// Size of the simulated guest memory.
 pub const MEM_SIZE: u64 = 64 << 20;
@@ -231,12 +237,22 @@ impl SimGuest {
     }
 
     /// A guest plus an activated device with `backend`, negotiated like Linux does
-    /// (VERSION_1 and EVENT_IDX).
+    /// ([`LINUX_FEATURES`]: VERSION_1, EVENT_IDX and SEQPACKET).
     pub fn with_device<B: Backend + 'static>(
         cfg: DeviceConfig,
         backend: B,
     ) -> (SimGuest, VsockDevice<B>) {
-        SimGuest::activate(SimGuest::new(cfg.guest_cid), cfg, backend)
+        SimGuest::activate(SimGuest::new(cfg.guest_cid), cfg, backend, LINUX_FEATURES)
+    }
+
+    /// As [`SimGuest::with_device`], acknowledging only `features` (a driver that does not
+    /// know SOCK_SEQPACKET, say).
+    pub fn with_device_features<B: Backend + 'static>(
+        cfg: DeviceConfig,
+        backend: B,
+        features: u64,
+    ) -> (SimGuest, VsockDevice<B>) {
+        SimGuest::activate(SimGuest::new(cfg.guest_cid), cfg, backend, features)
     }
 
     /// As [`SimGuest::with_device`], over a recycled guest memory (see
@@ -245,17 +261,22 @@ impl SimGuest {
         cfg: DeviceConfig,
         backend: B,
     ) -> (SimGuest, VsockDevice<B>) {
-        SimGuest::activate(SimGuest::new_recycled(cfg.guest_cid), cfg, backend)
+        SimGuest::activate(
+            SimGuest::new_recycled(cfg.guest_cid),
+            cfg,
+            backend,
+            LINUX_FEATURES,
+        )
     }
 
     fn activate<B: Backend + 'static>(
         (g, ctx): (SimGuest, ActivateContext),
         cfg: DeviceConfig,
         backend: B,
+        features: u64,
     ) -> (SimGuest, VsockDevice<B>) {
         let mut dev = VsockDevice::new(cfg, backend);
-        dev.ack_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX))
-            .expect("features");
+        dev.ack_features(features).expect("features");
         dev.activate(ctx).expect("activate");
         (g, dev)
     }

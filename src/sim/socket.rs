@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 
 use super::Sink;
-use crate::wire::{shutdown, Header, MAX_PAYLOAD};
+use crate::wire::{shutdown, sock_type, Header, MAX_PAYLOAD};
 
 /// State of a guest socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,13 @@ pub struct SimSock {
     /// Where received bytes go instead of [`SimSock::rx`], consumed at once (see
     /// [`SimGuest::set_sink`](super::SimGuest::set_sink)).
     pub sink: Option<Sink>,
+    /// The socket type (`sock_type::STREAM` or `SEQPACKET`).
+    pub sock_type: u16,
+    /// SOCK_SEQPACKET: where each received message ends (in bytes received since the start,
+    /// as [`SimSock::rx_total`] counts them) and whether it ended a record (EOR).
+    pub msg_ends: VecDeque<(u64, bool)>,
+    /// Bytes the application took from [`SimSock::rx`].
+    pub rx_taken: u64,
 }
 
 impl SimSock {
@@ -73,6 +80,9 @@ impl SimSock {
             peer_shutdown: 0,
             local_shutdown: 0,
             sink: None,
+            sock_type: sock_type::STREAM,
+            msg_ends: VecDeque::new(),
+            rx_taken: 0,
         }
     }
 

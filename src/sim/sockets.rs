@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::{SimGuest, SimSock, SockState};
-use crate::wire::{op, shutdown, sock_type, Header, MAX_PAYLOAD};
+use crate::wire::{op, seq, shutdown, sock_type, Header, MAX_PAYLOAD};
 
 impl SimGuest {
     fn header(&self, s: &SimSock, op: u16, len: u32, flags: u32) -> Header {
@@ -16,7 +16,7 @@ impl SimGuest {
             src_port: s.local_port,
             dst_port: s.peer_port,
             len,
-            type_: sock_type::STREAM,
+            type_: s.sock_type,
             op,
             flags,
             buf_alloc: s.buf_alloc,
@@ -69,6 +69,7 @@ impl SimGuest {
                 && !self.socks.contains_key(&port)
             {
                 let mut s = SimSock::new(port, h.src_cid, h.src_port, self.buf_alloc);
+                s.sock_type = h.type_;
                 s.state = SockState::Established;
                 s.update_credit(h);
                 self.socks.insert(port, s);
@@ -84,6 +85,12 @@ impl SimGuest {
         {
             let s = self.socks.get_mut(&port).expect("checked");
             s.update_credit(h);
+            if h.type_ != s.sock_type {
+                self.violations.push(format!(
+                    "packet of type {} on a socket of type {} ({port})",
+                    h.type_, s.sock_type
+                ));
+            }
             match (s.state, h.op) {
                 (_, op::RST) => s.state = SockState::Reset,
                 (SockState::Connecting, op::RESPONSE) => s.state = SockState::Established,
@@ -107,6 +114,15 @@ impl SimGuest {
                         ));
                     }
                     s.rx_total += payload.len() as u64;
+                    let eom = h.flags & seq::EOM != 0;
+                    if s.sock_type == sock_type::SEQPACKET && eom {
+                        s.msg_ends.push_back((s.rx_total, h.flags & seq::EOR != 0));
+                    } else if h.flags != 0 {
+                        self.violations.push(format!(
+                            "RW flags {:#x} without EOM or on a stream ({port})",
+                            h.flags
+                        ));
+                    }
                     match s.sink.as_mut() {
                         Some(sink) => {
                             sink.take(payload);
@@ -200,10 +216,15 @@ impl SimGuest {
 
     /// Sends `data` (at most 64 KiB, within the credit) as one RW packet on the socket `port`.
     pub(super) fn send_rw(&mut self, port: u32, data: &[u8]) {
+        self.send_rw_flags(port, data, 0);
+    }
+
+    /// [`SimGuest::send_rw`] with RW `flags` (SOCK_SEQPACKET: EOM, EOR).
+    pub(super) fn send_rw_flags(&mut self, port: u32, data: &[u8], flags: u32) {
         let Some(s) = self.socks.get(&port) else {
             return;
         };
-        let h = self.header(s, op::RW, data.len() as u32, 0);
+        let h = self.header(s, op::RW, data.len() as u32, flags);
         let s = self.socks.get_mut(&port).expect("checked");
         s.tx_cnt = s.tx_cnt.wrapping_add(data.len() as u32);
         s.last_fwd_sent = s.fwd_cnt;
@@ -218,6 +239,7 @@ impl SimGuest {
         };
         let n = max.min(s.rx.len());
         let out: Vec<u8> = s.rx.drain(..n).collect();
+        s.rx_taken += n as u64;
         if s.consume(n) {
             self.send_ctl(port, op::CREDIT_UPDATE, 0);
         }

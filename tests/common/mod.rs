@@ -35,6 +35,17 @@ pub fn request(src_cid: u64, src_port: u32) -> Header {
     }
 }
 
+/// [`setup_with`] the default configuration, with a driver that acknowledges only `features`.
+pub fn setup_features(features: u64) -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
+    let (backend, host) = PairBackend::new();
+    let (g, dev) = SimGuest::with_device_features(DeviceConfig::new(GUEST), backend, features);
+    (g, dev, host)
+}
+
+/// The features of a driver that knows no SOCK_SEQPACKET: VERSION_1 and EVENT_IDX.
+pub const STREAM_ONLY_FEATURES: u64 =
+    vsock_router::sim::LINUX_FEATURES & !(1 << vsock_router::device::VIRTIO_VSOCK_F_SEQPACKET);
+
 /// [`setup_with`] the default configuration for [`GUEST`].
 pub fn setup() -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
     setup_with(DeviceConfig::new(GUEST))

@@ -87,6 +87,11 @@ impl Outbound {
         }
     }
 
+    /// The guest's receive buffer, as it last said.
+    pub fn peer_buf_alloc(&self) -> u32 {
+        self.peer_buf_alloc
+    }
+
     /// Bytes we may still send: `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`, never below 0.
     pub fn credit(&self) -> u32 {
         let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;

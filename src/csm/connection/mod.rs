@@ -23,12 +23,14 @@
 pub mod credit;
 pub mod pending;
 mod rx;
+mod seq;
 
 use std::io;
 use std::time::Instant;
 
 use self::credit::{Inbound, Outbound};
 use self::pending::{PendingRx, PendingSet};
+use self::seq::SeqState;
 use super::txbuf::TxBuf;
 pub use super::types::{
     Addr, CsmConfig, Interest, KillReason, Notify, State, DEFAULT_CONNECT_TIMEOUT,
@@ -36,7 +38,7 @@ pub use super::types::{
 };
 use crate::stream::{Readiness, VsockStream};
 use crate::vq::{Chain, GuestMemory, IoVecs};
-use crate::wire::{op, shutdown, Header, HEADER_LEN};
+use crate::wire::{op, shutdown, Header, SockType, HEADER_LEN};
 
 /// The shutdown flags of both sides, and what was done to the host stream.
 #[derive(Clone, Copy, Debug, Default)]
@@ -74,6 +76,9 @@ impl Handshake {
 /// A vsock connection backed by a host stream `S`.
 pub struct Connection<S> {
     stream: S,
+    sock_type: SockType,
+    /// The message state of a SOCK_SEQPACKET connection.
+    seq: Option<Box<SeqState>>,
     state: State,
     addr: Addr,
     cfg: CsmConfig,
@@ -98,9 +103,11 @@ pub struct Connection<S> {
 }
 
 impl<S: VsockStream> Connection<S> {
-    fn new(stream: S, addr: Addr, cfg: CsmConfig, state: State) -> Self {
+    fn new(stream: S, sock_type: SockType, addr: Addr, cfg: CsmConfig, state: State) -> Self {
         Connection {
             stream,
+            sock_type,
+            seq: (sock_type == SockType::Seqpacket).then(Box::default),
             state,
             addr,
             cfg,
@@ -123,7 +130,8 @@ impl<S: VsockStream> Connection<S> {
     }
 
     /// A guest-initiated connection whose host-side connect was started. `req` is the guest's
-    /// REQUEST; `connected` says whether the connect already completed.
+    /// REQUEST (its type is the connection's); `connected` says whether the connect already
+    /// completed.
     pub fn guest_initiated(
         stream: S,
         req: &Header,
@@ -137,7 +145,8 @@ impl<S: VsockStream> Connection<S> {
             peer_cid: req.src_cid,
             peer_port: req.src_port,
         };
-        let mut c = Self::new(stream, addr, cfg, State::Connecting);
+        let sock_type = SockType::from_wire(req.type_).unwrap_or_default();
+        let mut c = Self::new(stream, sock_type, addr, cfg, State::Connecting);
         c.outbound.update(req.buf_alloc, req.fwd_cnt);
         c.connect_done = connected;
         if connected {
@@ -148,18 +157,20 @@ impl<S: VsockStream> Connection<S> {
         c
     }
 
-    /// A host-initiated connection to guest port `addr.peer_port`. `prefix` holds bytes the host
-    /// client already sent (delivered first); `accept_reply` is written to the host stream when
-    /// the guest accepts, before any guest data.
+    /// A host-initiated connection of type `sock_type` to guest port `addr.peer_port`. `prefix`
+    /// holds bytes the host client already sent (delivered first); `accept_reply` is written to
+    /// the host stream when the guest accepts, before any guest data (as a message of its own
+    /// on a SOCK_SEQPACKET connection).
     pub fn host_initiated(
         stream: S,
+        sock_type: SockType,
         addr: Addr,
         prefix: Vec<u8>,
         accept_reply: Option<Vec<u8>>,
         cfg: CsmConfig,
         now: Instant,
     ) -> Self {
-        let mut c = Self::new(stream, addr, cfg, State::LocalInit);
+        let mut c = Self::new(stream, sock_type, addr, cfg, State::LocalInit);
         c.handshake = Handshake {
             prefix,
             pos: 0,
@@ -180,6 +191,11 @@ impl<S: VsockStream> Connection<S> {
     /// The connection's addresses.
     pub fn addr(&self) -> Addr {
         self.addr
+    }
+
+    /// The socket type.
+    pub fn sock_type(&self) -> SockType {
+        self.sock_type
     }
 
     /// Current state.
@@ -281,9 +297,14 @@ impl<S: VsockStream> Connection<S> {
             self.kill(KillReason::GuestReset, Notify::Nothing);
             return;
         }
+        if h.type_ != self.sock_type.wire() {
+            // The kernel resets a packet whose type is not its socket's.
+            self.kill(KillReason::Protocol, Notify::Rst);
+            return;
+        }
         self.outbound.update(h.buf_alloc, h.fwd_cnt);
         if self.state == State::Established
-            && self.handshake.prefix_left() > 0
+            && (self.handshake.prefix_left() > 0 || self.seq_staged())
             && self.outbound.credit() > 0
         {
             // Handshake bytes wait in the device, not in the stream: no readiness will say so.
@@ -295,6 +316,7 @@ impl<S: VsockStream> Connection<S> {
                 self.deadline = None;
                 if let Some(reply) = self.handshake.reply.take() {
                     self.handshake.reply_left = self.txbuf.push(&reply);
+                    self.seq_queue_reply(self.handshake.reply_left);
                     self.flush_to_host(now);
                 }
                 if !self.handshake.prefix.is_empty() {
@@ -326,7 +348,7 @@ impl<S: VsockStream> Connection<S> {
             self.kill(KillReason::CreditOverrun, Notify::Rst);
             return;
         }
-        if len == 0 {
+        if len == 0 && self.seq.is_none() {
             return;
         }
         self.inbound.received(len);
@@ -334,6 +356,10 @@ impl<S: VsockStream> Connection<S> {
             // The host peer stopped receiving and the guest was told so; bytes it sent before
             // it knew are dropped, as the peer kernel would, and consume its credit.
             self.dropped += u64::from(len);
+            return;
+        }
+        if self.seq.is_some() {
+            self.seq_guest_data(h, mem, chain, now);
             return;
         }
         let mut written = 0usize;
@@ -374,6 +400,10 @@ impl<S: VsockStream> Connection<S> {
     }
 
     fn flush_to_host(&mut self, now: Instant) {
+        if self.seq.is_some() {
+            self.seq_flush(now);
+            return;
+        }
         let before = self.txbuf.len();
         match self.txbuf.flush(&mut self.stream) {
             Ok(_) => {}
@@ -412,6 +442,7 @@ impl<S: VsockStream> Connection<S> {
         self.dropped += guest_bytes as u64;
         self.txbuf.clear();
         self.handshake.reply_left = 0;
+        self.seq_clear_tx();
     }
 
     /// The host stream reached end of stream (or, on AF_UNIX, reported that its peer closed
@@ -442,6 +473,9 @@ impl<S: VsockStream> Connection<S> {
             self.shut.host_read_shut = true;
             // AF_UNIX: the peer's writes now fail with EPIPE; AF_VSOCK: the peer gets RCV.
             let _ = self.stream.shutdown_read();
+        }
+        if self.shut.guest & shutdown::SEND != 0 {
+            self.seq_drop_partial();
         }
         let flushed = self.txbuf.is_empty();
         if self.shut.guest & shutdown::SEND != 0 && flushed && !self.shut.host_write_shut {

@@ -8,17 +8,17 @@ use super::pending::PendingRx;
 use super::{Connection, KillReason, Notify, State};
 use crate::stream::VsockStream;
 use crate::vq::{Chain, GuestMemory, IoVecs};
-use crate::wire::{op, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
+use crate::wire::{op, shutdown, Header, HEADER_LEN, MAX_PAYLOAD};
 
 impl<S: VsockStream> Connection<S> {
-    fn header(&self, op: u16, len: u32, flags: u32) -> Header {
+    pub(super) fn header(&self, op: u16, len: u32, flags: u32) -> Header {
         Header {
             src_cid: self.addr.local_cid,
             dst_cid: self.addr.peer_cid,
             src_port: self.addr.local_port,
             dst_port: self.addr.peer_port,
             len,
-            type_: sock_type::STREAM,
+            type_: self.sock_type.wire(),
             op,
             flags,
             buf_alloc: self.inbound.buf_alloc(),
@@ -88,6 +88,9 @@ impl<S: VsockStream> Connection<S> {
             }
             return None;
         }
+        if self.seq.is_some() {
+            return self.seq_read(mem, chain, max, now);
+        }
         let n = if self.handshake.prefix_left() > 0 {
             let hs = &mut self.handshake;
             let n = hs.prefix_left().min(max);
@@ -119,14 +122,19 @@ impl<S: VsockStream> Connection<S> {
                 }
             }
         };
+        Some(self.data_packet(n, 0))
+    }
+
+    /// The header of an RW packet of `n` payload bytes, counted as sent.
+    pub(super) fn data_packet(&mut self, n: usize, flags: u32) -> Header {
         self.outbound.sent(n as u32);
         self.bytes_to_guest += n as u64;
-        Some(self.header(op::RW, n as u32, 0))
+        self.header(op::RW, n as u32, flags)
     }
 
     /// The SHUTDOWN to send now that the host stream ended (`closed`: it reported its peer's
     /// close with ECONNRESET).
-    fn host_ended(&mut self, now: Instant, closed: bool) -> Header {
+    pub(super) fn host_ended(&mut self, now: Instant, closed: bool) -> Header {
         if closed {
             self.host_stopped_receiving(now);
         }

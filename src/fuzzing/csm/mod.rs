@@ -31,7 +31,7 @@ use crate::csm::connection::{Addr, Connection, CsmConfig, KillReason, State};
 use crate::stream::Readiness;
 use crate::vq::chain::{Chain, Direction};
 use crate::vq::GuestMemory;
-use crate::wire::{op, shutdown, sock_type, Header, HEADER_LEN};
+use crate::wire::{op, shutdown, sock_type, Header, SockType, HEADER_LEN};
 
 const MEM_LEN: u64 = 0x4_0000;
 const QSIZE: u16 = 16;
@@ -168,6 +168,8 @@ pub fn csm(data: &[u8]) {
         request_timeout: ms(inp.u8()),
         connect_timeout: ms(inp.u8()),
         linger: ms(inp.u8()),
+        // A byte-stream model; SOCK_SEQPACKET is fuzzed through the device (`fuzzing::device`).
+        seqpacket: false,
     };
     let base = Instant::now();
     let mut clock = Duration::ZERO;
@@ -216,7 +218,15 @@ pub fn csm(data: &[u8]) {
             if let Some(r) = &reply {
                 b.to_host.extend_from_slice(r);
             }
-            Connection::host_initiated(dev_end, addr, b.prefix.clone(), reply, cfg, base)
+            Connection::host_initiated(
+                dev_end,
+                SockType::Stream,
+                addr,
+                b.prefix.clone(),
+                reply,
+                cfg,
+                base,
+            )
         };
         assert_eq!(conn.addr(), addr);
         let mut was_killed = false;

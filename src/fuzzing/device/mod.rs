@@ -171,6 +171,7 @@ pub fn device(data: &[u8]) {
         request_timeout: ms(inp.u8()),
         connect_timeout: ms(inp.u8()),
         linger: ms(inp.u8()),
+        ..CsmConfig::default()
     };
     let (backend, host) = PairBackend::new();
     if c & 0x40 != 0 {
