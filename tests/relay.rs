@@ -20,7 +20,7 @@ use vsock_router::config::VsockConfig;
 use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::router::connector::Router;
 use vsock_router::router::Policy;
-use vsock_router::sim::{SimGuest, SockState};
+use vsock_router::sim::{SimGuest, SockState, LINUX_FEATURES};
 use vsock_router::wire::{op, shutdown, sock_type, Header, HEADER_LEN};
 
 const T: Duration = Duration::from_secs(10);
@@ -93,6 +93,11 @@ struct Siblings {
 /// Guest A (CID 3) in this thread and guest B (CID 5, listening on 9000) on its own, each on a
 /// device of its own, siblings through one registry.
 fn siblings(name: &str, b_setup: impl FnOnce(&mut SimGuest)) -> Siblings {
+    siblings_with(name, LINUX_FEATURES, b_setup)
+}
+
+/// [`siblings`] with B's driver acknowledging only `b_features`.
+fn siblings_with(name: &str, b_features: u64, b_setup: impl FnOnce(&mut SimGuest)) -> Siblings {
     let dir = TempDir::new(name);
     let reg = dir.path("registry");
     let device = |cid: u64| {
@@ -104,7 +109,8 @@ fn siblings(name: &str, b_setup: impl FnOnce(&mut SimGuest)) -> Siblings {
         .parse()
         .unwrap();
         let router = Router::new(&cfg, Arc::new(Policy::new(true))).unwrap();
-        SimGuest::with_device(DeviceConfig::new(cid), router)
+        let features = if cid == B { b_features } else { LINUX_FEATURES };
+        SimGuest::with_device_features(DeviceConfig::new(cid), router, features)
     };
     let (a, dev_a) = device(A);
     let (mut b, dev_b) = device(B);
@@ -230,6 +236,68 @@ fn half_closes_cross_each_way_with_exactly_their_flag() {
     assert_eq!(s.dev_b.connections().len(), 1);
     assert!(s.a.close(pa, T));
     assert!(s.all_gone());
+}
+
+/// A message of `len` bytes whose content depends on `seed`.
+fn msg(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed as u8))
+        .collect()
+}
+
+#[test]
+fn seqpacket_messages_cross_whole_both_ways_with_their_eor_flags() {
+    // vsock_test's "SOCK_SEQPACKET msg bounds": every message arrives whole, and MSG_EOR with
+    // exactly the messages sent with it, whatever the sizes of the RX buffers in between.
+    let mut s = siblings("seqpacket", |_| {});
+    let pa = s.a.connect_seq(B, 9000).expect("connected");
+    let pb = s.b.call(|g| g.accept(T)).expect("B accepts");
+    assert_eq!(
+        s.b.call(move |g| g.socks[&pb].sock_type),
+        sock_type::SEQPACKET
+    );
+    let sizes = [1usize, 4096, 5000, 65536, 100_000, 3];
+    for (i, &n) in sizes.iter().enumerate() {
+        s.a.send_msg(pa, &msg(i, n), i % 2 == 1, T).unwrap();
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        let (got, eor) = s
+            .b
+            .call(move |g| g.recv_msg(pb, T))
+            .unwrap_or_else(|| panic!("message {i} to B"));
+        assert!(got == msg(i, n), "message {i} to B: {} bytes", got.len());
+        assert_eq!(eor, i % 2 == 1, "EOR of message {i} to B");
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        s.b.call(move |g| g.send_msg(pb, &msg(i + 10, n), i % 3 == 0, T))
+            .unwrap();
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        let (got, eor) = s
+            .a
+            .recv_msg(pa, T)
+            .unwrap_or_else(|| panic!("message {i} to A"));
+        assert!(got == msg(i + 10, n), "message {i} to A: {} bytes", got.len());
+        assert_eq!(eor, i % 3 == 0, "EOR of message {i} to A");
+    }
+    // Both guests' kernels saw only packets of the connection's type.
+    assert!(s.a.violations.is_empty(), "{:?}", s.a.violations);
+    assert!(s.b.call(|g| g.violations.clone()).is_empty());
+    assert!(s.a.close(pa, T));
+    assert!(s.all_gone());
+}
+
+#[test]
+fn a_seqpacket_request_to_a_sibling_whose_driver_lacks_the_type_is_reset() {
+    let features = LINUX_FEATURES & !(1 << vsock_router::device::VIRTIO_VSOCK_F_SEQPACKET);
+    let mut s = siblings_with("seqpacket-refused", features, |_| {});
+    assert_eq!(s.a.connect_seq(B, 9000), Err(SockState::Reset));
+    // B's guest never heard of it; its streams still work.
+    assert!(s.b.call(|g| !g.received.iter().any(|h| h.op == op::REQUEST)));
+    assert!(s.all_gone());
+    let pa = s.connect(50_010);
+    s.a.send(pa, b"stream", T).unwrap();
+    assert_eq!(s.b.call(|g| g.recv_exact(9000, 6, T)), b"stream");
 }
 
 #[test]

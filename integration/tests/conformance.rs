@@ -5,10 +5,8 @@
 //! side as `vsock_test/<index>-<slug>`.
 //!
 //! - Between two sibling inner guests: two `vsock-vmm` in one KVM host sharing a CID registry
-//!   (the server CID 5, the client CID 3). Every SOCK_STREAM case must pass on both sides. The
-//!   SOCK_SEQPACKET cases run and must pass when both devices offer VIRTIO_VSOCK_F_SEQPACKET
-//!   (the guests read the negotiated feature bits); until then they must be reported as SKIP
-//!   with that reason.
+//!   (the server CID 5, the client CID 3). Both devices offer VIRTIO_VSOCK_F_SEQPACKET, so every
+//!   case, SOCK_STREAM and SOCK_SEQPACKET, must pass on both sides (a SKIP is a failure).
 //! - Across the real AF_VSOCK uplink (the nested-cloud topology of `uplink_e2e.rs`): the inner
 //!   guest (CID 5 on the KVM host, CID 3) is the client and reaches the enclave (CID 10, the
 //!   server) by g2h fallback through the KVM host's `/dev/vsock`, a vhost-device-vsock 0.3.0
@@ -56,10 +54,6 @@ const CASES: [Case; 11] = [
     case(9, "seqpacket-invalid-receive-buffer", true),
     case(10, "stream-poll-so-rcvlowat", false),
 ];
-
-/// What the SKIP of a SOCK_SEQPACKET case must say between siblings, where both devices are
-/// ours (the scenario decides from the negotiated feature bits of the devices).
-const SEQPACKET_REASON: &str = "the device does not offer VIRTIO_VSOCK_F_SEQPACKET yet";
 
 /// The cases that cannot pass across the uplink (inner guest → our device → the KVM host's
 /// `/dev/vsock` → vhost-device-vsock 0.3.0 → the enclave), with the reason. Measured: every
@@ -134,7 +128,8 @@ fn vsock_test_between_sibling_guests() {
         start.elapsed().as_secs_f64(),
         table(&[(&outcome, "client/"), (&outcome, "server/")])
     );
-    let mut problems = case_problems(&outcome, &SIBLING_SIDES, SEQPACKET_REASON);
+    // Both devices are ours and offer SOCK_SEQPACKET: no case may be skipped.
+    let mut problems = case_problems(&outcome, &SIBLING_SIDES, None);
     if let Err(e) = outcome.check(&[
         "vmm-server-exit",
         "vmm-client-exit",
@@ -213,8 +208,12 @@ fn vsock_test_across_the_uplink() {
         start.elapsed().as_secs_f64(),
         table(&[(&host, "inner/"), (&enclave, "")])
     );
-    let mut problems = case_problems(&host, &["inner/"], UPLINK_SEQPACKET_REASON);
-    problems.extend(case_problems(&enclave, &[""], UPLINK_SEQPACKET_REASON));
+    let mut problems = case_problems(&host, &["inner/"], Some(UPLINK_SEQPACKET_REASON));
+    problems.extend(case_problems(
+        &enclave,
+        &[""],
+        Some(UPLINK_SEQPACKET_REASON),
+    ));
     for (outcome, required) in [
         (
             &host,
@@ -251,10 +250,14 @@ fn vsock_test_binary() -> PathBuf {
 }
 
 /// Every case's verdict on each side (`prefixes` name the sides in `outcome`'s console): a
-/// SOCK_STREAM case must PASS; a SOCK_SEQPACKET case must PASS, or be SKIP with
-/// `seqpacket_reason` (which names the device without the feature) and a feature bit reported
-/// as 0.
-fn case_problems(outcome: &RunOutcome, prefixes: &[&str], seqpacket_reason: &str) -> Vec<String> {
+/// SOCK_STREAM case must PASS; a SOCK_SEQPACKET case must PASS, or — only where a device
+/// without the feature is in the path, `seqpacket_reason` naming it — be SKIP with that reason
+/// and a feature bit reported as 0.
+fn case_problems(
+    outcome: &RunOutcome,
+    prefixes: &[&str],
+    seqpacket_reason: Option<&str>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     for prefix in prefixes {
         for case in &CASES {
@@ -264,11 +267,11 @@ fn case_problems(outcome: &RunOutcome, prefixes: &[&str], seqpacket_reason: &str
                 continue;
             };
             let (status, detail) = (result.status, &result.detail);
-            if case.seqpacket && status == Status::Skip {
+            if let (true, Status::Skip, Some(reason)) = (case.seqpacket, status, seqpacket_reason) {
                 // Honest only when a device's negotiated feature bit really is 0.
-                if !detail.contains(seqpacket_reason) || !detail.contains("feature bit 1 = 0") {
+                if !detail.contains(reason) || !detail.contains("feature bit 1 = 0") {
                     problems.push(format!(
-                        "{name}: SKIP without \"{seqpacket_reason}\" and a feature bit of 0: {detail}"
+                        "{name}: SKIP without \"{reason}\" and a feature bit of 0: {detail}"
                     ));
                 }
             } else if status != Status::Pass {
@@ -314,7 +317,8 @@ fn case_verdicts_need_every_stream_pass_and_honest_seqpacket_skips() {
             case.index, case.slug
         )
     };
-    let skip = format!("SKIP {SEQPACKET_REASON} (server: feature bit 1 = 0, ...)");
+    let reason = Some(UPLINK_SEQPACKET_REASON);
+    let skip = format!("SKIP {UPLINK_SEQPACKET_REASON} (server: feature bit 1 = 0, ...)");
     let all = |stream: &str, seqpacket: &str| -> String {
         CASES
             .iter()
@@ -322,12 +326,12 @@ fn case_verdicts_need_every_stream_pass_and_honest_seqpacket_skips() {
             .collect()
     };
     let good = outcome(all("PASS ok", &skip));
-    assert_eq!(
-        case_problems(&good, &["s/"], SEQPACKET_REASON),
-        Vec::<String>::new()
-    );
+    assert_eq!(case_problems(&good, &["s/"], reason), Vec::<String>::new());
     let all_pass = outcome(all("PASS ok", "PASS ok"));
-    assert!(case_problems(&all_pass, &["s/"], SEQPACKET_REASON).is_empty());
+    assert!(case_problems(&all_pass, &["s/"], reason).is_empty());
+    assert!(case_problems(&all_pass, &["s/"], None).is_empty());
+    // Where every device offers the feature, even an honest SKIP fails.
+    assert!(!case_problems(&good, &["s/"], None).is_empty());
     // A failing SOCK_STREAM case, a missing one, a SKIP without the reason or with the feature
     // offered, a SEQPACKET FAIL, the other device named: each is a problem.
     let bad = [
@@ -346,10 +350,10 @@ fn case_verdicts_need_every_stream_pass_and_honest_seqpacket_skips() {
     ];
     for console in bad {
         assert!(
-            !case_problems(&outcome(console.clone()), &["s/"], SEQPACKET_REASON).is_empty(),
+            !case_problems(&outcome(console.clone()), &["s/"], reason).is_empty(),
             "{console}"
         );
     }
-    assert!(!case_problems(&good, &["s/"], UPLINK_SEQPACKET_REASON).is_empty());
-    assert!(!case_problems(&good, &["other/"], SEQPACKET_REASON).is_empty());
+    assert!(!case_problems(&good, &["s/"], Some("another device")).is_empty());
+    assert!(!case_problems(&good, &["other/"], reason).is_empty());
 }

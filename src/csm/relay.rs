@@ -27,7 +27,7 @@ use crate::stream::Readiness;
 use crate::stream::VsockStream;
 use crate::vq::chain::Chain;
 use crate::vq::GuestMemory;
-use crate::wire::{op, shutdown, sock_type, Header, SockType, HEADER_LEN, MAX_PAYLOAD};
+use crate::wire::{op, seq, shutdown, sock_type, Header, SockType, HEADER_LEN, MAX_PAYLOAD};
 
 /// How long a connection that one side closed (SHUTDOWN with both flags) may wait for an RST
 /// before the device resets it both ways: longer than the kernel's own close timeout (8 s), so
@@ -438,14 +438,28 @@ impl<S: VsockStream> Relay<S> {
     }
 
     /// Writes `h` (with `payload` bytes already in place after it) into the RX buffer, the
-    /// credit it passes on capped at our buffer size; returns the used length.
-    fn deliver(&mut self, mem: &GuestMemory, chain: &Chain, h: &Header, payload: usize) -> u32 {
+    /// credit it passes on capped at our buffer size; returns the used length. `last`: the
+    /// piece ends the sibling's packet (an RW longer than the RX buffer takes several).
+    fn deliver(
+        &mut self,
+        mem: &GuestMemory,
+        chain: &Chain,
+        h: &Header,
+        payload: usize,
+        last: bool,
+    ) -> u32 {
         let mut out = *h;
         out.len = payload as u32;
         out.buf_alloc = h.buf_alloc.min(self.cfg.buf_alloc);
-        // Only the flags that mean something for the op reach the guest.
+        // Only the flags that mean something for the op reach the guest: a SOCK_SEQPACKET
+        // message's end (EOR only with EOM) on the last piece of its packet, so that the
+        // message keeps its boundary whatever the RX buffers' size.
+        let seq_end = h.flags & (seq::EOM | seq::EOR);
         out.flags = match h.op {
             op::SHUTDOWN => h.flags & shutdown::BOTH,
+            op::RW if h.type_ == sock_type::SEQPACKET && last && seq_end & seq::EOM != 0 => {
+                seq_end
+            }
             _ => 0,
         };
         chain.write_at(mem, 0, &out.encode());
@@ -480,7 +494,7 @@ impl<S: VsockStream> Relay<S> {
                 return None;
             }
             if h.op != op::RW {
-                return Some(self.deliver(mem, chain, &h, 0));
+                return Some(self.deliver(mem, chain, &h, 0, true));
             }
             self.current = h;
         }
@@ -495,7 +509,8 @@ impl<S: VsockStream> Relay<S> {
                 piece.len = n as u32;
                 self.sibling_sent += Wrapping(n as u32);
                 self.bytes_to_guest += n as u64;
-                Some(self.deliver(mem, chain, &piece, n))
+                let last = self.input.payload_left() == 0;
+                Some(self.deliver(mem, chain, &piece, n, last))
             }
             Payload::Pending => {
                 self.rx_wanted = false;

@@ -173,6 +173,9 @@ impl VsockControl for LibraryControl {
                 state: c.state.to_string(),
                 bytes_to_host: c.bytes_to_host,
                 bytes_to_guest: c.bytes_to_guest,
+                sock_type: c.sock_type.name().to_string(),
+                messages_to_host: c.messages_to_host,
+                messages_to_guest: c.messages_to_guest,
             })
             .collect()
     }

@@ -86,6 +86,14 @@ pub struct ConnectionInfo {
     pub bytes_to_host: u64,
     /// Bytes local side → guest.
     pub bytes_to_guest: u64,
+    /// The socket type: `stream` or `seqpacket`.
+    #[serde(rename = "type")]
+    pub sock_type: String,
+    /// Whole SOCK_SEQPACKET messages guest → local side (0 for streams and for sibling
+    /// connections, whose packets the device relays uncounted).
+    pub messages_to_host: u64,
+    /// Whole SOCK_SEQPACKET messages local side → guest.
+    pub messages_to_guest: u64,
 }
 
 /// The API's view of the vsock device. Implemented by the vsock library's runtime handle.

@@ -28,6 +28,7 @@ pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0;
 /// Connection paths and states, all reported (zero included) so a query never misses a series.
 const PATHS: [&str; 3] = ["host", "sibling", "uplink"];
 const STATES: [&str; 4] = ["local_init", "connecting", "established", "killed"];
+const TYPES: [&str; 2] = ["stream", "seqpacket"];
 
 /// The body and its content type for a scrape whose `Accept` header is `accept`.
 pub fn render(vsock: &dyn VsockControl, accept: Option<&str>) -> (&'static str, String) {
@@ -129,21 +130,58 @@ impl Collector for Scrape {
         )?;
         let mut family = e.encode_descriptor(
             "vsock_connections",
-            "Live connections by path and state.",
+            "Live connections by path, state and socket type.",
             None,
             MetricType::Gauge,
         )?;
         for path in PATHS {
             for state in STATES {
-                let n = self
-                    .conns
-                    .iter()
-                    .filter(|x| x.path == path && x.state == state)
-                    .count();
-                let labels = [("path", path), ("state", state)];
-                ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+                for ty in TYPES {
+                    let n = self
+                        .conns
+                        .iter()
+                        .filter(|x| x.path == path && x.state == state && x.sock_type == ty)
+                        .count();
+                    let labels = [("path", path), ("state", state), ("type", ty)];
+                    ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
+        labelled(
+            &mut e,
+            (
+                "vsock_ended_connections",
+                "Connections that ended, by socket type.",
+            ),
+            "type",
+            [
+                ("stream", self.activity("ended_stream_conns")),
+                ("seqpacket", self.activity("ended_seqpacket_conns")),
+            ],
+        )?;
+        let live_msgs_up: u64 = self.conns.iter().map(|x| x.messages_to_host).sum();
+        let live_msgs_down: u64 = self.conns.iter().map(|x| x.messages_to_guest).sum();
+        labelled(
+            &mut e,
+            (
+                "vsock_messages",
+                "Whole SOCK_SEQPACKET messages the device moved, guest to host side (to_host) \
+                 and back (to_guest); relayed sibling connections are not counted.",
+            ),
+            "direction",
+            [
+                (
+                    "to_host",
+                    self.activity("ended_messages_to_host")
+                        .saturating_add(live_msgs_up),
+                ),
+                (
+                    "to_guest",
+                    self.activity("ended_messages_to_guest")
+                        .saturating_add(live_msgs_down),
+                ),
+            ],
+        )?;
         let live_up: u64 = self.conns.iter().map(|x| x.bytes_to_host).sum();
         let live_down: u64 = self.conns.iter().map(|x| x.bytes_to_guest).sum();
         labelled(
@@ -305,6 +343,7 @@ mod tests {
             state: state.into(),
             bytes_to_host: up,
             bytes_to_guest: down,
+            sock_type: "stream".into(),
             ..ConnectionInfo::default()
         }
     }
@@ -317,6 +356,10 @@ mod tests {
                 ("rx_packets", 90),
                 ("ended_bytes_to_host", 1000),
                 ("ended_bytes_to_guest", 2000),
+                ("ended_stream_conns", 5),
+                ("ended_seqpacket_conns", 2),
+                ("ended_messages_to_host", 30),
+                ("ended_messages_to_guest", 40),
                 ("busy_ns", 1_500_000_000),
             ]
             .into_iter()
@@ -355,6 +398,12 @@ mod tests {
                 conn("host", "established", 10, 20),
                 conn("host", "established", 1, 2),
                 conn("uplink", "connecting", 0, 0),
+                ConnectionInfo {
+                    sock_type: "seqpacket".into(),
+                    messages_to_host: 3,
+                    messages_to_guest: 4,
+                    ..conn("sibling", "established", 0, 0)
+                },
             ]
         }
     }
@@ -370,9 +419,15 @@ mod tests {
             "vsock_guest_connections_total{route=\"refused\"} 2",
             "vsock_host_connections_total 4",
             "# TYPE vsock_connections gauge",
-            "vsock_connections{path=\"host\",state=\"established\"} 2",
-            "vsock_connections{path=\"uplink\",state=\"connecting\"} 1",
-            "vsock_connections{path=\"sibling\",state=\"killed\"} 0",
+            "vsock_connections{path=\"host\",state=\"established\",type=\"stream\"} 2",
+            "vsock_connections{path=\"host\",state=\"established\",type=\"seqpacket\"} 0",
+            "vsock_connections{path=\"uplink\",state=\"connecting\",type=\"stream\"} 1",
+            "vsock_connections{path=\"sibling\",state=\"killed\",type=\"stream\"} 0",
+            "vsock_connections{path=\"sibling\",state=\"established\",type=\"seqpacket\"} 1",
+            "vsock_ended_connections_total{type=\"stream\"} 5",
+            "vsock_ended_connections_total{type=\"seqpacket\"} 2",
+            "vsock_messages_total{direction=\"to_host\"} 33",
+            "vsock_messages_total{direction=\"to_guest\"} 44",
             "vsock_bytes_total{direction=\"to_host\"} 1011",
             "vsock_bytes_total{direction=\"to_guest\"} 2022",
             "vsock_packets_total{queue=\"tx\"} 100",

@@ -177,6 +177,9 @@ mod tests {
                 state: "established".into(),
                 bytes_to_host: 5,
                 bytes_to_guest: 7,
+                sock_type: "seqpacket".into(),
+                messages_to_host: 1,
+                messages_to_guest: 2,
             }]
         }
     }
@@ -271,6 +274,8 @@ mod tests {
         assert_eq!(v[0]["peer_port"], 1024);
         assert_eq!(v[0]["to_host"], false);
         assert_eq!(v[0]["path"], "host");
+        assert_eq!(v[0]["type"], "seqpacket");
+        assert_eq!(v[0]["messages_to_guest"], 2);
     }
 
     #[test]
