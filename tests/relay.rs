@@ -261,10 +261,9 @@ fn seqpacket_messages_cross_whole_both_ways_with_their_eor_flags() {
         s.a.send_msg(pa, &msg(i, n), i % 2 == 1, T).unwrap();
     }
     for (i, &n) in sizes.iter().enumerate() {
-        let (got, eor) = s
-            .b
-            .call(move |g| g.recv_msg(pb, T))
-            .unwrap_or_else(|| panic!("message {i} to B"));
+        let (got, eor) =
+            s.b.call(move |g| g.recv_msg(pb, T))
+                .unwrap_or_else(|| panic!("message {i} to B"));
         assert!(got == msg(i, n), "message {i} to B: {} bytes", got.len());
         assert_eq!(eor, i % 2 == 1, "EOR of message {i} to B");
     }
@@ -273,11 +272,14 @@ fn seqpacket_messages_cross_whole_both_ways_with_their_eor_flags() {
             .unwrap();
     }
     for (i, &n) in sizes.iter().enumerate() {
-        let (got, eor) = s
-            .a
-            .recv_msg(pa, T)
-            .unwrap_or_else(|| panic!("message {i} to A"));
-        assert!(got == msg(i + 10, n), "message {i} to A: {} bytes", got.len());
+        let (got, eor) =
+            s.a.recv_msg(pa, T)
+                .unwrap_or_else(|| panic!("message {i} to A"));
+        assert!(
+            got == msg(i + 10, n),
+            "message {i} to A: {} bytes",
+            got.len()
+        );
         assert_eq!(eor, i % 3 == 0, "EOR of message {i} to A");
     }
     // Both guests' kernels saw only packets of the connection's type.
@@ -293,7 +295,9 @@ fn a_seqpacket_request_to_a_sibling_whose_driver_lacks_the_type_is_reset() {
     let mut s = siblings_with("seqpacket-refused", features, |_| {});
     assert_eq!(s.a.connect_seq(B, 9000), Err(SockState::Reset));
     // B's guest never heard of it; its streams still work.
-    assert!(s.b.call(|g| !g.received.iter().any(|h| h.op == op::REQUEST)));
+    assert!(s
+        .b
+        .call(|g| !g.received.iter().any(|h| h.op == op::REQUEST)));
     assert!(s.all_gone());
     let pa = s.connect(50_010);
     s.a.send(pa, b"stream", T).unwrap();

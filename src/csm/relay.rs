@@ -457,9 +457,7 @@ impl<S: VsockStream> Relay<S> {
         let seq_end = h.flags & (seq::EOM | seq::EOR);
         out.flags = match h.op {
             op::SHUTDOWN => h.flags & shutdown::BOTH,
-            op::RW if h.type_ == sock_type::SEQPACKET && last && seq_end & seq::EOM != 0 => {
-                seq_end
-            }
+            op::RW if h.type_ == sock_type::SEQPACKET && last && seq_end & seq::EOM != 0 => seq_end,
             _ => 0,
         };
         chain.write_at(mem, 0, &out.encode());

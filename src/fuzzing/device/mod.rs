@@ -61,6 +61,8 @@ struct HostConn {
     wrote: Vec<u8>,
     got: Vec<u8>,
     read_shut: bool,
+    /// A SOCK_SEQPACKET socket pair: every read takes one whole message.
+    seqpacket: bool,
 }
 
 /// What a tracked guest socket sent and received.
@@ -312,7 +314,7 @@ impl Run {
             src_port: s.local_port,
             dst_port: s.peer_port,
             len,
-            type_: sock_type::STREAM,
+            type_: s.sock_type,
             op: op_,
             flags,
             buf_alloc: s.buf_alloc,
@@ -343,7 +345,11 @@ impl Run {
         }
         let local = self.next_port;
         self.next_port += 1;
-        let s = SimSock::new(local, dst_cid, dst_port, self.g.buf_alloc);
+        let mut s = SimSock::new(local, dst_cid, dst_port, self.g.buf_alloc);
+        if dst_port == 4 {
+            // Port 4 is opened as SOCK_SEQPACKET (the device relays its messages whole).
+            s.sock_type = sock_type::SEQPACKET;
+        }
         let h = Self::header(&s, self.g.cid, op::REQUEST, 0, 0);
         self.g.socks.insert(local, s);
         self.flows.insert(local, Flow::default());
@@ -370,7 +376,13 @@ impl Run {
         let seq0 = flow.sent.len() as u64;
         let payload = pattern_bytes(port, seq0, n);
         flow.sent.extend_from_slice(&payload);
-        let h = Self::header(s, cid, op::RW, n as u32, 0);
+        // SOCK_SEQPACKET: fuzzed EOM and EOR (EOR alone included) from the length's low bits.
+        let flags = if s.sock_type == sock_type::SEQPACKET {
+            (want & 3) as u32
+        } else {
+            0
+        };
+        let h = Self::header(s, cid, op::RW, n as u32, flags);
         s.tx_cnt = s.tx_cnt.wrapping_add(n as u32);
         s.last_fwd_sent = s.fwd_cnt;
         self.g.send_packet(&h, &payload);
@@ -437,8 +449,14 @@ impl Run {
         } else {
             (NOT_LISTENING, false)
         };
-        let prefix = pattern_bytes(port ^ 0x77, 0, plen);
-        let stream = self.host.connect(port, &prefix);
+        // One in eight is SOCK_SEQPACKET, which has no prefix (its handshake is a message).
+        let seqpacket = plen >= 70;
+        let prefix = pattern_bytes(port ^ 0x77, 0, if seqpacket { 0 } else { plen });
+        let stream = if seqpacket {
+            self.host.connect_seq(port)
+        } else {
+            self.host.connect(port, &prefix)
+        };
         let _ = stream.set_nonblocking(true);
         self.conns.push(HostConn {
             stream: Some(stream),
@@ -448,6 +466,7 @@ impl Run {
             wrote: Vec::new(),
             got: Vec::new(),
             read_shut: false,
+            seqpacket,
         });
         self.g.pump(Duration::ZERO);
     }
@@ -478,7 +497,8 @@ impl Run {
         let n = 1 + usize::from(inp.u16() % 32_768);
         let Some(c) = self.pick_conn(inp) else { return };
         let Some(s) = c.stream.as_mut() else { return };
-        let mut buf = vec![0u8; n];
+        // A message is read whole or its rest is lost: room for the longest one.
+        let mut buf = vec![0u8; if c.seqpacket { 512 * 1024 } else { n }];
         if let Ok(k) = s.read(&mut buf) {
             c.got.extend_from_slice(&buf[..k]);
         }
@@ -519,6 +539,7 @@ impl Run {
                 wrote: Vec::new(),
                 got: Vec::new(),
                 read_shut: false,
+                seqpacket: req.sock_type == crate::seam::SockType::Seqpacket,
             });
         }
     }
@@ -526,7 +547,7 @@ impl Run {
     fn read_all(&mut self) {
         for c in self.conns.iter_mut() {
             let Some(s) = c.stream.as_mut() else { continue };
-            let mut buf = [0u8; 16 * 1024];
+            let mut buf = vec![0u8; if c.seqpacket { 512 * 1024 } else { 16 * 1024 }];
             for _ in 0..64 {
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => break,
