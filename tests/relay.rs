@@ -21,7 +21,7 @@ use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::router::connector::Router;
 use vsock_router::router::Policy;
 use vsock_router::sim::{SimGuest, SockState, LINUX_FEATURES};
-use vsock_router::wire::{op, shutdown, sock_type, Header, HEADER_LEN};
+use vsock_router::wire::{op, seq, shutdown, sock_type, Header, HEADER_LEN};
 
 const T: Duration = Duration::from_secs(10);
 const A: u64 = 3;
@@ -664,4 +664,55 @@ fn packets_wait_in_order_while_the_link_is_full() {
         frames < 205,
         "{frames} frames: data packets that waited were merged"
     );
+}
+
+#[test]
+fn many_small_seqpacket_messages_wait_for_a_full_link_each_with_its_boundary() {
+    // Messages are never merged while they wait (each keeps its EOM), so the frames that may
+    // wait are bounded by number (MAX_QUEUED_FRAMES) as well as by credit, not by the 32 that
+    // bound control frames: 3000 small messages behind a link nobody reads.
+    let (mut g, _dev, host) = setup();
+    host.set_relay(true);
+    host.set_socket_buffers(4096);
+    let connector = thread::spawn({
+        let host = host.clone();
+        move || {
+            let (_, mut link) = host.accept(T).expect("the relay link");
+            let (req, _) = read_frame(&mut link);
+            assert_eq!(req.type_, sock_type::SEQPACKET);
+            let mut resp = hdr(op::RESPONSE, req.dst_port, req.src_port, 0, 0);
+            resp.src_cid = req.dst_cid;
+            resp.type_ = sock_type::SEQPACKET;
+            resp.buf_alloc = 256 * 1024;
+            link.write_all(&resp.encode()).unwrap();
+            link
+        }
+    });
+    let p = g.connect_seq(7, 82).unwrap();
+    let mut link = connector.join().unwrap();
+    let count = 3000u32;
+    for i in 0..count {
+        let m = i.to_le_bytes();
+        g.send_msg(p, &m, i % 5 == 0, T).unwrap();
+    }
+    g.pump(Duration::from_millis(50));
+    assert_ne!(
+        g.socks[&p].state,
+        SockState::Reset,
+        "messages waited, nobody was reset"
+    );
+    let mut next = 0u32;
+    while next < count {
+        let (h, payload) = read_frame(&mut link);
+        match h.op {
+            op::RW => {
+                assert_eq!(payload, next.to_le_bytes(), "message {next}");
+                let want = seq::EOM | if next % 5 == 0 { seq::EOR } else { 0 };
+                assert_eq!(h.flags, want, "flags of message {next}");
+                next += 1;
+            }
+            op::CREDIT_UPDATE | op::CREDIT_REQUEST => {}
+            o => panic!("unexpected op {o}"),
+        }
+    }
 }

@@ -3,9 +3,10 @@
 //!
 //! [`OutFrames`] writes packets to the link — straight from guest memory when nothing waits —
 //! and keeps what the socket did not take, bounded: payload bytes by the credit the receiving
-//! guest advertised (capped at the device's buffer size), frames by [`MAX_QUEUED`], with
-//! consecutive data packets merged and credit updates folded into the frame before them, as the
-//! receiving kernel reads credit from every packet. [`FrameReader`] reads packets from the link:
+//! guest advertised (capped at the device's buffer size), control frames by [`MAX_QUEUED`] and
+//! all frames by [`MAX_QUEUED_FRAMES`], with consecutive data packets merged (never across the
+//! end of a SOCK_SEQPACKET message) and credit updates folded into the frame before them, as
+//! the receiving kernel reads credit from every packet. [`FrameReader`] reads packets from the link:
 //! the header into a small buffer, the payload straight into an RX buffer.
 
 use std::collections::VecDeque;
@@ -18,11 +19,16 @@ use crate::vq::iovec::IoVecs;
 use crate::vq::GuestMemory;
 use crate::wire::{op, Header, HEADER_LEN, MAX_PAYLOAD};
 
-/// Most frames waiting for the link at once. An honest guest needs a handful: data frames are
-/// merged, a credit update (and a repeated credit request) is folded into the frame before it,
+/// Most control frames (no payload) waiting for the link at once. An honest guest needs a
+/// handful: a credit update (and a repeated credit request) is folded into the frame before it,
 /// and Linux sends SHUTDOWN at most twice per connection. A guest that floods the link beyond
 /// this is reset.
 pub const MAX_QUEUED: usize = 32;
+
+/// Most frames waiting at once, data frames included. A SOCK_SEQPACKET message keeps its own
+/// frame (its EOM must reach the sibling), so a guest may queue many small messages behind a
+/// slow link; their bytes are bounded by the credit, their number by this.
+pub const MAX_QUEUED_FRAMES: usize = 4096;
 
 /// Why a packet could not be written to the link.
 #[derive(Debug)]
@@ -49,6 +55,8 @@ pub struct OutFrames {
     data: TxBuf,
     /// Bytes of the first frame (header and payload) already written.
     sent: usize,
+    /// Queued frames without payload.
+    control: usize,
 }
 
 impl OutFrames {
@@ -58,6 +66,7 @@ impl OutFrames {
             frames: VecDeque::new(),
             data: TxBuf::new(data_cap),
             sent: 0,
+            control: 0,
         }
     }
 
@@ -71,6 +80,7 @@ impl OutFrames {
         self.frames.clear();
         self.data.clear();
         self.sent = 0;
+        self.control = 0;
     }
 
     /// The last queued frame if nothing of it was written yet (so it may still change).
@@ -172,9 +182,14 @@ impl OutFrames {
         done_payload: usize,
     ) -> Result<(), SendError> {
         let rest = len as usize - done_payload;
-        if self.frames.len() >= MAX_QUEUED || rest > self.data.free() {
+        let control = len == 0;
+        if (control && self.control >= MAX_QUEUED)
+            || self.frames.len() >= MAX_QUEUED_FRAMES
+            || rest > self.data.free()
+        {
             return Err(SendError::Full);
         }
+        self.control += usize::from(control);
         if let Some((mem, chain)) = payload {
             let off = (HEADER_LEN + done_payload) as u64;
             let took = self.data.push_from_guest(mem, chain, off, rest);
@@ -207,6 +222,7 @@ impl OutFrames {
                 return Ok(());
             }
             self.frames.pop_front();
+            self.control -= usize::from(f.len == 0);
             self.sent = 0;
         }
         Ok(())
