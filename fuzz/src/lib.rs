@@ -50,6 +50,9 @@ impl VsockControl for Fixed {
             state: "established".into(),
             bytes_to_host: 1,
             bytes_to_guest: 2,
+            sock_type: "seqpacket".into(),
+            messages_to_host: 3,
+            messages_to_guest: 4,
         }]
     }
 }
