@@ -267,6 +267,11 @@ impl<S: VsockStream> Relay<S> {
             return;
         }
         self.guest_credit(h);
+        if self.phase == (Phase::Offering { delivered: false }) {
+            // Our guest knows nothing of the connection yet: the RST it gets answers its packet,
+            // and mirrors that packet's type, as the kernel's reset of an unknown socket does.
+            self.type_ = h.type_;
+        }
         if h.type_ != self.type_ {
             self.kill(KillReason::Protocol, Notify::Rst);
             return;

@@ -3,9 +3,11 @@
 //! sibling (well-formed packets for the connection or anything at all), in virtual time.
 //!
 //! The harness plays our guest and the sibling device and asserts:
-//! - every packet our guest receives carries the connection's addresses and type STREAM, a
-//!   valid op, no payload unless it is RW, a used length of 44 + `len` within the buffer, and
-//!   (while our guest's credit fields are honest) never data beyond its credit;
+//! - every packet our guest receives carries the connection's addresses and type (STREAM, or
+//!   SEQPACKET for one input in two, with fuzzed EOM/EOR flags both ways), a valid op, no
+//!   payload unless it is RW, on RW no flags but a message's end (EOM, EOR only with it) and
+//!   those only on SEQPACKET, a used length of 44 + `len` within the buffer, and (while our
+//!   guest's credit fields are honest) never data beyond its credit;
 //! - the first packet our guest receives on an offered link is the sibling's REQUEST (or an
 //!   RST, or nothing at all), on a requested one the sibling's RESPONSE or an RST;
 //! - what the sibling reads from the link is a sequence of whole packets of the connection,
@@ -29,7 +31,7 @@ use crate::csm::connection::{Addr, CsmConfig, State};
 use crate::csm::relay::Relay;
 use crate::stream::Readiness;
 use crate::vq::GuestMemory;
-use crate::wire::{op, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
+use crate::wire::{op, seq, shutdown, sock_type, Header, HEADER_LEN, MAX_PAYLOAD};
 
 const MAX_STEPS: usize = 64;
 const GUEST_CID: u64 = 3;
@@ -54,20 +56,25 @@ struct Books {
     /// Packets our guest received.
     guest_packets: usize,
     offered: bool,
+    /// The connection's socket type.
+    ty: u16,
+    /// The types of our guest's packets before it received any (an RST answering one
+    /// mirrors its type), as a set of `1 << type`.
+    early_guest_types: u32,
     rsts_after_kill: usize,
     /// Whether our guest's credit fields were honest all along (constant buffer, `fwd_cnt` =
     /// everything received): only then is "no data beyond its credit" ours to promise.
     honest_credit: bool,
 }
 
-fn sib_header(op_: u16, len: u32, flags: u32, buf_alloc: u32, fwd_cnt: u32) -> Header {
+fn sib_header(ty: u16, op_: u16, len: u32, flags: u32, buf_alloc: u32, fwd_cnt: u32) -> Header {
     Header {
         src_cid: SIB_CID,
         dst_cid: GUEST_CID,
         src_port: SIB_PORT,
         dst_port: GUEST_PORT,
         len,
-        type_: sock_type::STREAM,
+        type_: ty,
         op: op_,
         flags,
         buf_alloc,
@@ -86,7 +93,8 @@ pub fn relay(data: &[u8]) {
         request_timeout: ms(inp.u8()),
         connect_timeout: ms(inp.u8()),
         linger: ms(inp.u8()),
-        seqpacket: true,
+        // One input in eight has a driver that did not acknowledge SOCK_SEQPACKET.
+        seqpacket: setup & 0x0e != 0x0e,
     };
     let base = Instant::now();
     let mut clock = Duration::ZERO;
@@ -100,6 +108,12 @@ pub fn relay(data: &[u8]) {
         link_packets: 0,
         guest_packets: 0,
         offered: setup & 1 != 0,
+        ty: if setup & 0x10 != 0 {
+            sock_type::SEQPACKET
+        } else {
+            sock_type::STREAM
+        },
+        early_guest_types: 0,
         rsts_after_kill: 0,
         honest_credit: true,
     };
@@ -113,7 +127,8 @@ pub fn relay(data: &[u8]) {
                 peer_port: GUEST_PORT,
             };
             let ahead = if setup & 2 != 0 {
-                sib_header(op::REQUEST, 0, 0, inp.u32(), 0).encode()[..usize::from(inp.u8()) % 45]
+                sib_header(b.ty, op::REQUEST, 0, 0, inp.u32(), 0).encode()
+                    [..usize::from(inp.u8()) % 45]
                     .to_vec()
             } else {
                 let n = usize::from(inp.u8() % 64);
@@ -127,7 +142,7 @@ pub fn relay(data: &[u8]) {
                 src_port: GUEST_PORT,
                 dst_port: SIB_PORT,
                 len: 0,
-                type_: sock_type::STREAM,
+                type_: b.ty,
                 op: op::REQUEST,
                 flags: 0,
                 buf_alloc: b.g_buf_alloc,
@@ -156,7 +171,7 @@ pub fn relay(data: &[u8]) {
                     clock += Duration::from_millis(u64::from(inp.u16() % 3000));
                     r.on_deadline(base + clock);
                 }
-                6 => sibling_writes(&mut inp, sib.as_ref()),
+                6 => sibling_writes(&mut inp, sib.as_ref(), b.ty),
                 7 => sibling_reads(sib.as_mut(), &mut b),
                 8 => match inp.u8() % 3 {
                     0 => {
@@ -233,10 +248,11 @@ fn guest_packet(
         src_port: GUEST_PORT,
         dst_port: SIB_PORT,
         len: len as u32,
+        // Now and then the other type.
         type_: if inp.one_in(32) {
-            sock_type::SEQPACKET
+            sock_type::SEQPACKET + sock_type::STREAM - b.ty
         } else {
-            sock_type::STREAM
+            b.ty
         },
         op: op_,
         flags: u32::from(inp.u8() % 4),
@@ -252,6 +268,9 @@ fn guest_packet(
     let cuts = [u64::from(inp.u16()) % (total + 1), HEADER_LEN as u64];
     let chain = build_chain(mem, TX_TABLE, TX_BUF, total, &cuts, false);
     let alive = r.state() != State::Killed;
+    if b.guest_packets == 0 {
+        b.early_guest_types |= 1u32.checked_shl(u32::from(h.type_)).unwrap_or(0);
+    }
     r.on_packet(&h, mem, &chain, now);
     if alive {
         b.honest_credit &= honest;
@@ -296,7 +315,20 @@ fn fill_rx(
         (SIB_CID, SIB_PORT, GUEST_CID, GUEST_PORT),
         "addresses"
     );
-    assert_eq!(h.type_, sock_type::STREAM);
+    // An RST that comes first on an offered link answers a packet of our guest sent before
+    // it knew of the connection, and mirrors its type.
+    let answers_guest = b.offered && b.guest_packets == 1 && h.op == op::RST;
+    assert!(
+        h.type_ == b.ty
+            || (answers_guest && b.early_guest_types & (1u32 << (h.type_ % 32)) != 0),
+        "packet type {}",
+        h.type_
+    );
+    if h.op == op::RW {
+        let end = h.flags & (seq::EOM | seq::EOR);
+        let allowed = b.ty == sock_type::SEQPACKET && end == h.flags && (end != seq::EOR);
+        assert!(h.flags == 0 || allowed, "RW flags {:#x}", h.flags);
+    }
     assert!(
         (op::REQUEST..=op::CREDIT_REQUEST).contains(&h.op),
         "op {}",
@@ -343,7 +375,7 @@ fn fill_rx(
 }
 
 /// The sibling writes a packet for the connection (sometimes a broken one) or raw bytes.
-fn sibling_writes(inp: &mut Input, sib: Option<&UnixStream>) {
+fn sibling_writes(inp: &mut Input, sib: Option<&UnixStream>, ty: u16) {
     let Some(s) = sib else { return };
     let bytes = match inp.u8() % 4 {
         0 => {
@@ -361,6 +393,11 @@ fn sibling_writes(inp: &mut Input, sib: Option<&UnixStream>) {
                 0
             };
             let h = sib_header(
+                if inp.one_in(32) {
+                    sock_type::STREAM
+                } else {
+                    ty
+                },
                 op_,
                 len,
                 u32::from(inp.u8() % 4),
@@ -403,7 +440,7 @@ fn sibling_reads(sib: Option<&mut UnixStream>, b: &mut Books) {
             (GUEST_CID, GUEST_PORT, SIB_CID, SIB_PORT),
             "link packet addresses"
         );
-        assert_eq!(h.type_, sock_type::STREAM, "link packet type");
+        assert_eq!(h.type_, b.ty, "link packet type");
         assert!(h.len <= MAX_PAYLOAD, "link packet of {} bytes", h.len);
         if h.op != op::RW {
             assert_eq!(h.len, 0, "link op {} with payload", h.op);
