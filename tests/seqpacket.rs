@@ -346,3 +346,75 @@ fn streams_and_seqpacket_connections_side_by_side() {
     assert_eq!(g.recv_exact(st, 12, T), b"stream bytes");
     assert_clean(&g);
 }
+
+#[test]
+fn a_guest_with_many_small_messages_waiting_is_told_there_is_no_room_and_then_there_is() {
+    let (mut g, dev, host) = setup();
+    host.set_socket_buffers(4096);
+    let port = g.connect_seq(2, 5010).expect("connected");
+    let (_, s) = host.accept(T).expect("host side");
+    // One-byte messages cost one byte of credit each: without the window closing, a quarter of
+    // a million could wait in the device.
+    let mut sent = 0u32;
+    while sent < 5000 {
+        let m = [sent as u8];
+        if g.send_msg(port, &m, false, Duration::from_millis(200))
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        (1025..5000).contains(&sent),
+        "the window closed after {sent} waiting messages"
+    );
+    assert_eq!(g.socks[&port].peer_credit(), 0);
+    // The host reads; the device tells the guest the whole buffer is free again.
+    for i in 0..sent {
+        same(&host_recv(&s), &[i as u8], &format!("message {i}"));
+    }
+    assert!(g.pump_until(T, |g| g.socks[&port].peer_credit() > 128 * 1024));
+    g.send_msg(port, b"more", false, T).unwrap();
+    same(&host_recv(&s), b"more", "after the window opened");
+    assert_eq!(dev.counters().credit_overrun.load(Ordering::Relaxed), 0);
+    assert_clean(&g);
+}
+
+#[test]
+fn a_guest_that_ignores_the_closed_window_is_reset() {
+    let (mut g, dev, host) = setup();
+    host.set_socket_buffers(4096);
+    let port = g.connect_seq(2, 5011).expect("connected");
+    let (_, _s) = host.accept(T).expect("host side");
+    // Raw one-byte messages, never looking at the credit the device advertises.
+    let mut h = Header {
+        src_cid: GUEST,
+        dst_cid: 2,
+        src_port: port,
+        dst_port: 5011,
+        len: 1,
+        type_: sock_type::SEQPACKET,
+        op: op::RW,
+        flags: seq::EOM,
+        buf_alloc: g.buf_alloc,
+        fwd_cnt: 0,
+    };
+    let mut n = 0;
+    while n < 20_000 && g.socks[&port].state != SockState::Reset {
+        h.fwd_cnt = g.socks[&port].fwd_cnt;
+        g.send_packet(&h, b"x");
+        n += 1;
+        if n % 256 == 0 {
+            g.pump(Duration::ZERO);
+        }
+    }
+    g.pump_until(T, |g| g.socks[&port].state == SockState::Reset);
+    assert_eq!(g.socks[&port].state, SockState::Reset, "after {n} messages");
+    assert!(
+        n > 16 * 1024,
+        "reset after {n} messages, not before the limit"
+    );
+    g.pump(Duration::from_millis(100));
+    assert_eq!(dev.counters().credit_overrun.load(Ordering::Relaxed), 1);
+}

@@ -319,8 +319,7 @@ fn fill_rx(
     // it knew of the connection, and mirrors its type.
     let answers_guest = b.offered && b.guest_packets == 1 && h.op == op::RST;
     assert!(
-        h.type_ == b.ty
-            || (answers_guest && b.early_guest_types & (1u32 << (h.type_ % 32)) != 0),
+        h.type_ == b.ty || (answers_guest && b.early_guest_types & (1u32 << (h.type_ % 32)) != 0),
         "packet type {}",
         h.type_
     );

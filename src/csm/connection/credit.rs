@@ -33,6 +33,11 @@ impl Inbound {
         self.buf_alloc
     }
 
+    /// Bytes received and not yet forwarded: what the guest has in our buffer.
+    pub fn held(&self) -> u32 {
+        (self.rx_cnt - self.fwd_cnt).0
+    }
+
     /// Bytes forwarded so far, as every packet we send says.
     pub fn fwd_cnt(&self) -> u32 {
         self.fwd_cnt.0

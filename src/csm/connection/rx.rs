@@ -21,7 +21,7 @@ impl<S: VsockStream> Connection<S> {
             type_: self.sock_type.wire(),
             op,
             flags,
-            buf_alloc: self.inbound.buf_alloc(),
+            buf_alloc: self.advertised_buf_alloc(),
             fwd_cnt: self.inbound.fwd_cnt(),
         }
     }

@@ -15,6 +15,13 @@
 //! one place a message is copied twice) and follows in the next RX buffers. The last packet
 //! carries EOM (and EOR when the host socket reported `MSG_EOR`: AF_VSOCK does, AF_UNIX never).
 //!
+//! Number: messages cost credit by their bytes only, so a guest could queue a quarter of a
+//! million one-byte messages behind a host that does not read. Past [`QUEUE_HIGH`] waiting
+//! messages the device advertises no free space (a `buf_alloc` equal to what it holds, sent
+//! at once in a CREDIT_UPDATE), which stops an honest guest, and full space again below
+//! [`QUEUE_LOW`]; a guest that goes on past [`QUEUE_MAX`] ignored that and is reset as a credit
+//! overrun. The queue is 4 bytes a message, at most 64 KiB a connection.
+//!
 //! Size: a message may be as long as the connection's buffer (`buf_alloc`), as in the kernel,
 //! which refuses longer ones with `EMSGSIZE` at the sender (`virtio_transport_seqpacket_enqueue`).
 //! What cannot be delivered whole is never cut: a message the host socket refuses
@@ -30,11 +37,32 @@ use crate::stream::VsockStream;
 use crate::vq::{Chain, GuestMemory, IoVecs};
 use crate::wire::{op, seq, Header, HEADER_LEN};
 
-/// A complete message waiting in the TX buffer.
+/// Waiting messages past which the guest is told there is no free space.
+pub const QUEUE_HIGH: usize = 1024;
+/// Waiting messages below which it is told the whole buffer is free again.
+pub const QUEUE_LOW: usize = QUEUE_HIGH / 2;
+/// Waiting messages past which the guest is reset: it ignored the closed window.
+pub const QUEUE_MAX: usize = 16 * QUEUE_HIGH;
+
+/// A complete message waiting in the TX buffer: its length, and bit 31 for EOR (a message is
+/// at most `buf_alloc` bytes, far below 2^31).
 #[derive(Clone, Copy, Debug)]
-struct Msg {
-    len: usize,
-    eor: bool,
+struct Msg(u32);
+
+const EOR_BIT: u32 = 1 << 31;
+
+impl Msg {
+    fn new(len: usize, eor: bool) -> Msg {
+        Msg(len as u32 | if eor { EOR_BIT } else { 0 })
+    }
+
+    fn len(self) -> usize {
+        (self.0 & !EOR_BIT) as usize
+    }
+
+    fn eor(self) -> bool {
+        self.0 & EOR_BIT != 0
+    }
 }
 
 /// The message state of a SOCK_SEQPACKET connection.
@@ -52,6 +80,9 @@ pub(super) struct SeqState {
     end: usize,
     /// Host → guest: the message being delivered ends a record.
     eor: bool,
+    /// Guest → host: more than [`QUEUE_HIGH`] messages wait; the guest is told there is no
+    /// free space.
+    throttled: bool,
     /// Whole messages moved each way.
     pub(super) to_host: u64,
     pub(super) to_guest: u64,
@@ -75,6 +106,15 @@ impl<S: VsockStream> Connection<S> {
         self.seq.as_ref().is_some_and(|s| s.staged() > 0)
     }
 
+    /// The receive space to advertise: the whole buffer, or none while too many messages wait.
+    pub(super) fn advertised_buf_alloc(&self) -> u32 {
+        if self.seq.as_ref().is_some_and(|s| s.throttled) {
+            self.inbound.held()
+        } else {
+            self.inbound.buf_alloc()
+        }
+    }
+
     /// Messages moved guest → host and host → guest (0 for a stream).
     pub fn messages(&self) -> (u64, u64) {
         self.seq
@@ -85,7 +125,7 @@ impl<S: VsockStream> Connection<S> {
     /// Queues the handshake reply (`n` bytes just pushed to the TX buffer) as a message of its own.
     pub(super) fn seq_queue_reply(&mut self, n: usize) {
         if let Some(s) = self.seq.as_deref_mut() {
-            s.queued.push_back(Msg { len: n, eor: false });
+            s.queued.push_back(Msg::new(n, false));
         }
     }
 
@@ -95,6 +135,7 @@ impl<S: VsockStream> Connection<S> {
         if let Some(s) = self.seq.as_deref_mut() {
             s.queued.clear();
             s.partial = 0;
+            s.throttled = false;
         }
     }
 
@@ -170,9 +211,25 @@ impl<S: VsockStream> Connection<S> {
             .txbuf
             .push_from_guest(mem, chain, HEADER_LEN as u64, len);
         debug_assert_eq!(taken, len, "credit check guarantees room");
-        if let Some(s) = self.seq.as_deref_mut() {
-            s.partial = 0;
-            s.queued.push_back(Msg { len: total, eor });
+        let Some(s) = self.seq.as_deref_mut() else {
+            return;
+        };
+        s.partial = 0;
+        s.queued.push_back(Msg::new(total, eor));
+        if s.queued.len() > QUEUE_MAX {
+            let a = self.addr;
+            log::warn!(
+                "vsock: {}:{} -> {}:{}: the guest queued more than {QUEUE_MAX} messages after \
+                 it was told there is no room: connection reset",
+                a.peer_cid,
+                a.peer_port,
+                a.local_cid,
+                a.local_port
+            );
+            self.kill(KillReason::CreditOverrun, Notify::Rst);
+        } else if s.queued.len() > QUEUE_HIGH && !s.throttled {
+            s.throttled = true;
+            self.pending.insert(super::PendingRx::CreditUpdate);
         }
     }
 
@@ -182,29 +239,34 @@ impl<S: VsockStream> Connection<S> {
             let Some(m) = self.seq.as_ref().and_then(|s| s.queued.front().copied()) else {
                 return;
             };
+            let (len, eor) = (m.len(), m.eor());
             let res = {
                 let mut iov = IoVecs::new();
-                self.txbuf.front_iovecs(m.len, &mut iov);
-                self.stream.send_msg(&iov, m.eor)
+                self.txbuf.front_iovecs(len, &mut iov);
+                self.stream.send_msg(&iov, eor)
             };
             match res {
                 Ok(_) => {
-                    self.txbuf.consume(m.len);
-                    let reply = m.len.min(self.handshake.reply_left);
+                    self.txbuf.consume(len);
+                    let reply = len.min(self.handshake.reply_left);
                     self.handshake.reply_left -= reply;
                     if let Some(s) = self.seq.as_deref_mut() {
                         s.queued.pop_front();
                         if reply == 0 {
                             s.to_host += 1;
                         }
+                        if s.throttled && s.queued.len() < QUEUE_LOW {
+                            s.throttled = false;
+                            self.pending.insert(super::PendingRx::CreditUpdate);
+                        }
                     }
                     // The handshake reply used no guest credit.
-                    self.advance_fwd(m.len - reply);
+                    self.advance_fwd(len - reply);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.seq_send_failed(&e, 0, m.len, now);
+                    self.seq_send_failed(&e, 0, len, now);
                     return;
                 }
             }
