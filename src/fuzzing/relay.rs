@@ -56,8 +56,10 @@ struct Books {
     /// Packets our guest received.
     guest_packets: usize,
     offered: bool,
-    /// The connection's socket type.
+    /// The connection's socket type (on an offered link: the type of the sibling's REQUEST).
     ty: u16,
+    /// Our guest's driver acknowledged SOCK_SEQPACKET.
+    seqpacket_ok: bool,
     /// The types of our guest's packets before it received any (an RST answering one
     /// mirrors its type), as a set of `1 << type`.
     early_guest_types: u32,
@@ -114,6 +116,7 @@ pub fn relay(data: &[u8]) {
             sock_type::STREAM
         },
         early_guest_types: 0,
+        seqpacket_ok: cfg.seqpacket,
         rsts_after_kill: 0,
         honest_credit: true,
     };
@@ -315,6 +318,17 @@ fn fill_rx(
         (SIB_CID, SIB_PORT, GUEST_CID, GUEST_PORT),
         "addresses"
     );
+    if b.offered && b.guest_packets == 1 && h.op == op::REQUEST {
+        // The sibling's REQUEST says what the connection is; a driver without SOCK_SEQPACKET
+        // never sees one of that type.
+        assert!(
+            h.type_ == sock_type::STREAM || (h.type_ == sock_type::SEQPACKET && b.seqpacket_ok),
+            "REQUEST of type {} offered (SEQPACKET acknowledged: {})",
+            h.type_,
+            b.seqpacket_ok
+        );
+        b.ty = h.type_;
+    }
     // An RST that comes first on an offered link answers a packet of our guest sent before
     // it knew of the connection, and mirrors its type.
     let answers_guest = b.offered && b.guest_packets == 1 && h.op == op::RST;
