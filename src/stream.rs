@@ -67,6 +67,13 @@ pub trait VsockStream: AsRawFd + Send {
             .is_err_and(|e| e.raw_os_error() == Some(libc::EPIPE))
     }
 
+    /// Whether the peer is gone both ways (`POLLHUP`: it closed, or shut both directions), or
+    /// an error is pending. The probe for a `SOCK_SEQPACKET` socket, where the zero-length send
+    /// of [`VsockStream::send_side_shut`] would deliver an empty message.
+    fn peer_closed(&self) -> bool {
+        sys::peer_hung_up(self.as_raw_fd(), false)
+    }
+
     /// The result of a non-blocking `connect(2)` once the socket is writable (`SO_ERROR`).
     fn connect_result(&mut self) -> io::Result<()> {
         match sys::take_error(self.as_raw_fd())? {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use vsock_router::device::virtio::VirtioDevice;
 use vsock_router::seam::SockType;
 use vsock_router::sim::{SimGuest, SockState};
-use vsock_router::wire::{op, seq, sock_type, Header};
+use vsock_router::wire::{op, seq, shutdown, sock_type, Header};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -202,6 +202,20 @@ fn host_messages_reach_the_guest_whole_with_eom_on_the_last_packet() {
             .any(|h| h.dst_port == port && h.op == op::SHUTDOWN)
     });
     assert!(g.recv_msg(port, Duration::from_millis(100)).is_none());
+    // Nothing was sent to the host to find that out (a zero-length send, the stream probe for
+    // a peer that stopped receiving, would be an empty message here).
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 16];
+    let e = s.read(&mut b).map(|n| n).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock,
+        "no message for the host"
+    );
+    // A host that closes after its EOF: the guest sees RCV too.
+    drop(s);
+    g.pump_until(T, |g| g.socks[&port].peer_shutdown == shutdown::BOTH);
+    assert_eq!(g.socks[&port].peer_shutdown, shutdown::BOTH);
     assert_clean(&g);
 }
 

@@ -208,6 +208,28 @@ fn host_close_with_guest_bytes_unread_is_a_close_not_a_reset() {
 }
 
 #[test]
+fn a_host_that_closes_after_its_eof_reaches_the_guest_as_shutdown_rcv_at_once() {
+    // On one kernel the peer's close() after its shutdown(SHUT_WR) sends SHUTDOWN(RCV|SEND):
+    // the guest's next send() fails with EPIPE at once. The device no longer reads a stream at
+    // its end; the hang-up tells it, without the guest having to send first.
+    let (mut g, _dev, host) = setup();
+    let port = g.connect(2, 7010).unwrap();
+    let (_, s) = host.accept(T).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(g.pump_until(T, |g| g.socks[&port].peer_shutdown == shutdown::SEND));
+    g.pump(Duration::from_millis(50));
+    drop(s);
+    assert!(g.pump_until(T, |g| g.socks[&port].peer_shutdown == shutdown::BOTH));
+    let sd = shutdowns(&g, port);
+    assert_eq!(
+        sd.iter().map(|(_, h)| h.flags).collect::<Vec<_>>(),
+        [shutdown::SEND, shutdown::BOTH]
+    );
+    assert!(!device_reset(&g, port), "a close, not a reset");
+    assert!(g.close(port, T));
+}
+
+#[test]
 fn after_the_guest_shut_receiving_a_host_close_arrives_through_the_hang_up() {
     let (mut g, dev, host) = setup();
     let port = g.connect(2, 7006).unwrap();

@@ -275,10 +275,11 @@ impl<S: VsockStream> Connection<S> {
                     && self.shut.guest & shutdown::RCV == 0
                     && self.outbound.credit() > 0,
                 write: !self.txbuf.is_empty(),
-                // The guest no longer receives, so we no longer read: only a hang-up can still
-                // tell us that the host peer is gone (until we shut our own write side, after
-                // which a hang-up would be our own doing).
-                hangup: self.shut.host_read_shut
+                // The guest no longer receives, or the host peer finished sending, so we no
+                // longer read: only a hang-up can still tell us that the host peer is gone
+                // (until we shut our own write side, after which a hang-up would be our own
+                // doing).
+                hangup: (self.shut.host_read_shut || self.shut.host_eof)
                     && !self.shut.host_write_shut
                     && self.shut.told != shutdown::BOTH,
             },
@@ -454,7 +455,13 @@ impl<S: VsockStream> Connection<S> {
         self.shut.host_eof = true;
         let mut flags = shutdown::SEND;
         // Once we shut our own write side the probe cannot tell who did; say only what we know.
-        if !self.shut.host_write_shut && self.stream.send_side_shut() {
+        // A zero-length send probes a stream; on SOCK_SEQPACKET it would be an empty message.
+        let stopped = if self.seq.is_some() {
+            self.stream.peer_closed()
+        } else {
+            self.stream.send_side_shut()
+        };
+        if !self.shut.host_write_shut && stopped {
             flags |= shutdown::RCV;
             self.drop_unsent();
         }
@@ -531,6 +538,15 @@ impl<S: VsockStream> Connection<S> {
                     self.after_shutdown_change(now);
                 }
                 if hangup
+                    && self.shut.host_eof
+                    && !self.shut.host_read_shut
+                    && !self.shut.host_write_shut
+                    && self.state == State::Established
+                {
+                    // The peer finished sending earlier and now closed: it no longer receives,
+                    // as its kernel's SHUTDOWN(RCV) would say.
+                    self.host_stopped_receiving(now);
+                } else if hangup
                     && self.shut.host_read_shut
                     && !self.shut.host_write_shut
                     && self.state == State::Established
