@@ -206,7 +206,7 @@ fn host_messages_reach_the_guest_whole_with_eom_on_the_last_packet() {
     // a peer that stopped receiving, would be an empty message here).
     s.set_nonblocking(true).unwrap();
     let mut b = [0u8; 16];
-    let e = s.read(&mut b).map(|n| n).unwrap_err();
+    let e = s.read(&mut b).unwrap_err();
     assert_eq!(
         e.kind(),
         std::io::ErrorKind::WouldBlock,
