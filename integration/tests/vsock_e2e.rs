@@ -77,9 +77,9 @@ vsock-vmm remote --api-socket /tmp/api info >/tmp/info3.json 2>&1
 vr_info api-counters-after-3 "$(tr -d ' \n' </tmp/info3.json | grep -oE '"(incoming|timeouts|unknown_conn|connect_failed|host_error)":[0-9]+' | tr '\n' ' ')"
 
 # 5. The held uplink connection (guest -> CID 77 port 6002) shows up in the API as
-# path=uplink, to_host=true. (The fields come in alphabetical order; only that connection
+# path=uplink, to_host=true. (The fields come in alphabetical order, others between them; only that connection
 # counts: the guest's earlier one to port 6000 may still be listed.)
-held='"local_cid":77,"local_port":6002,"path":"uplink",[^}]*"to_host":true'
+held='"local_cid":77,"local_port":6002,[^}]*"path":"uplink",[^}]*"to_host":true'
 seen=
 for _ in $(seq 1 1200); do
 	vsock-vmm remote --api-socket /tmp/api connections >/tmp/conns.json 2>&1

@@ -8,7 +8,7 @@
 //! touched).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::{self, server::SocketGuard, ApiContext};
 use crate::cli::{SerialMode, VmConfig, USAGE_EXIT_CODE};
-use crate::devices::serial::{Discard, Unbuffered};
+use crate::devices::serial::{Discard, LineBuffered, Unbuffered};
 use crate::vm::vcpu::{install_kick_handler, kick_signal, VcpuStop};
 use crate::vm::Vm;
 use crate::vsock::{build_vsock, VsockParts};
@@ -162,9 +162,12 @@ fn wait_for_exit(exit: &ExitSignal, signals: &TerminationSignals) -> (i32, Strin
 
 fn open_serial(mode: &SerialMode) -> Result<Box<dyn Write + Send>, Failure> {
     Ok(match mode {
-        SerialMode::Tty => Box::new(Unbuffered(io::stdout())),
+        // A person at a terminal sees every byte at once; a file or pipe (often shared with
+        // the log, `2>&1`) gets whole lines, so that no log line splits a console line.
+        SerialMode::Tty if io::stdout().is_terminal() => Box::new(Unbuffered(io::stdout())),
+        SerialMode::Tty => Box::new(LineBuffered::new(io::stdout())),
         SerialMode::Off => Box::new(Discard),
-        SerialMode::File(path) => Box::new(Unbuffered(File::create(path).map_err(|e| {
+        SerialMode::File(path) => Box::new(LineBuffered::new(File::create(path).map_err(|e| {
             usage(format!(
                 "--serial: invalid value `file={}`: {e}",
                 path.display()
