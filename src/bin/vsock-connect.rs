@@ -17,6 +17,7 @@ use vsock_router::config::parse_switch;
 use vsock_router::router::{decide, Decision, RefuseReason, RouteCtx};
 use vsock_router::sys;
 use vsock_router::wire::line::parse_ok_line;
+use vsock_router::wire::SockType;
 
 const USAGE: &str = "usage: vsock-connect [--registry DIR] [--uplink none|/dev/vsock|unix:DIR] \
 [--fallback 0|1] CID PORT
@@ -194,7 +195,7 @@ fn run(a: Args) -> Result<(), String> {
             let d = a.registry.as_ref().expect("owned implies a registry");
             // Outside the devices' ephemeral range [2^30, 2^31), so it never collides with them.
             let src_port = (1 << 31) | (std::process::id() & 0x3fff_ffff);
-            let s = registry::connect_in(d, a.cid, a.port, 2, src_port)
+            let s = registry::connect_in(d, a.cid, a.port, 2, src_port, SockType::Stream)
                 .map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, true).map_err(|e| e.to_string())?;
@@ -212,7 +213,7 @@ fn run(a: Args) -> Result<(), String> {
             }
             let up = Uplink::new(a.uplink.clone());
             let (s, connected) = up
-                .connect(a.cid, a.port, CONNECT_TIMEOUT)
+                .connect(a.cid, a.port, CONNECT_TIMEOUT, SockType::Stream)
                 .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, connected)
