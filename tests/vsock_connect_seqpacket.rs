@@ -268,7 +268,10 @@ fn a_refusal_on_the_registry_seqpacket_socket_fails_the_program() {
     ]);
     let (code, err) = p.finish();
     assert_eq!(code, Some(1));
-    assert!(err.contains("CID 5 port 80"), "{err}");
+    assert!(
+        err.contains("CID 5 port 80") && err.contains("serves no SOCK_SEQPACKET socket"),
+        "{err}"
+    );
 }
 
 #[test]

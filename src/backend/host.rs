@@ -50,8 +50,13 @@ impl HostBackend {
             handshake_timeout,
         )?;
         let seq_path = seqpacket::seqpacket_path(socket);
-        let seq_bound = BoundSocket::bind_typed(&seq_path, SockType::Seqpacket)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", seq_path.display())))?;
+        let seq_bound = BoundSocket::bind_typed(&seq_path, SockType::Seqpacket).map_err(|e| {
+            let shown = seq_path.display().to_string();
+            match e.to_string() {
+                msg if msg.contains(&shown) => e,
+                msg => io::Error::new(e.kind(), format!("{shown}: {msg}")),
+            }
+        })?;
         let seq_server = HandshakeServer::new_seqpacket(
             seq_bound.listener.try_clone()?,
             LineKind::Hybrid,

@@ -342,8 +342,16 @@ fn run(a: Args) -> Result<(), String> {
             let d = a.registry.as_ref().expect("owned implies a registry");
             // Outside the devices' ephemeral range [2^30, 2^31), so it never collides with them.
             let src_port = (1 << 31) | (std::process::id() & 0x3fff_ffff);
-            let s = registry::connect_in(d, a.cid, a.port, 2, src_port, a.sock_type)
-                .map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
+            let s = registry::connect_in(d, a.cid, a.port, 2, src_port, a.sock_type).map_err(
+                |e| match (a.sock_type, e.kind()) {
+                    (SockType::Seqpacket, io::ErrorKind::NotFound) => format!(
+                        "CID {} port {}: {e}: its VMM serves no SOCK_SEQPACKET socket in the \
+                         registry",
+                        a.cid, a.port
+                    ),
+                    _ => format!("CID {} port {}: {e}", a.cid, a.port),
+                },
+            )?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, true).map_err(|e| e.to_string())?;
             let mut s = UnixStream::from(fd);
