@@ -20,6 +20,14 @@
 //!   with eviction, idle clients only push each other out, and a client that sends its line at
 //!   once is only lost if `max_pending` newer clients arrive before the server reads it.
 //!
+//! A server of `SOCK_SEQPACKET` clients ([`HandshakeServer::new_seqpacket`], the host's
+//! `<socket>_seqpacket` and the registry's `<cid>.sock_seqpacket`) runs in *message mode*: the
+//! client's first message must be exactly one valid line, its `\n` last. A first message without
+//! `\n`, with bytes after it, longer than [`MAX_LINE`] (`MSG_TRUNC`), empty, or end of stream,
+//! closes the client; later messages stay in the socket for the device, so the prefix is always
+//! empty. Timeouts, the pending limit and eviction are the same as for streams. A registry
+//! `RELAY` line is refused there: sibling devices relay packets over the stream socket only.
+//!
 //! The server owns an epoll set (the listener plus every pending client), so the device polls a
 //! single fd ([`HandshakeServer::poll_fd`]) and calls [`HandshakeServer::process`] when it is
 //! readable or [`HandshakeServer::next_deadline`] passed.
@@ -35,11 +43,13 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::backoff::AcceptBackoff;
+use super::seqpacket;
 use super::stream::SockStream;
 use super::{AcceptReply, Framing, Incoming};
 use crate::seam::{Path, RouteInfo, SockType};
 use crate::stats::Counters;
 use crate::sys;
+use crate::vq::IoVecs;
 use crate::wire::line::{find_line, is_viable_prefix, parse_line, Line, MAX_LINE};
 use crate::wire::Cid;
 
@@ -74,18 +84,23 @@ pub enum LineKind {
 
 impl LineKind {
     /// The socket's name in log lines.
-    fn socket_name(self) -> &'static str {
-        match self {
-            LineKind::Hybrid => "host socket",
-            LineKind::Registry => "registry socket",
+    fn socket_name(self, ty: SockType) -> &'static str {
+        match (self, ty) {
+            (LineKind::Hybrid, SockType::Stream) => "host socket",
+            (LineKind::Hybrid, SockType::Seqpacket) => "host seqpacket socket",
+            (LineKind::Registry, SockType::Stream) => "registry socket",
+            (LineKind::Registry, SockType::Seqpacket) => "registry seqpacket socket",
         }
     }
 
+    /// The connection a valid `line` on a socket of type `ty` opens, or `None` if this kind of
+    /// socket refuses it.
     fn incoming(
         self,
         line: Line,
         stream: SockStream,
         prefix: Vec<u8>,
+        ty: SockType,
     ) -> Option<Incoming<SockStream>> {
         match (self, line) {
             (LineKind::Hybrid, Line::Connect { port }) => Some(Incoming {
@@ -100,7 +115,7 @@ impl LineKind {
                     path: Path::Host,
                     to_host: false,
                 },
-                sock_type: SockType::Stream,
+                sock_type: ty,
             }),
             (
                 LineKind::Registry,
@@ -114,8 +129,9 @@ impl LineKind {
                     cid,
                     src_port,
                 },
-            ) if Cid(u64::from(cid)).is_guest()
-                || (Cid(u64::from(cid)) == Cid::HOST && !matches!(line, Line::Relay { .. })) =>
+            ) if (Cid(u64::from(cid)).is_guest()
+                || (Cid(u64::from(cid)) == Cid::HOST && !matches!(line, Line::Relay { .. })))
+                && (ty == SockType::Stream || !matches!(line, Line::Relay { .. })) =>
             {
                 let (reply, framing) = match line {
                     Line::Relay { .. } => (AcceptReply::None, Framing::Packets),
@@ -133,7 +149,9 @@ impl LineKind {
                         path: Path::Sibling,
                         to_host: false,
                     },
-                    sock_type: SockType::Stream,
+                    // A relayed REQUEST carries its own type; the stream socket's relays are
+                    // stream-typed here, which the device ignores for packet links.
+                    sock_type: ty,
                 })
             }
             _ => None,
@@ -203,6 +221,11 @@ struct Pending {
 pub struct HandshakeServer {
     listener: UnixListener,
     kind: LineKind,
+    /// `SOCK_SEQPACKET`: message mode (see the module docs).
+    sock_type: SockType,
+    /// Message mode: the largest message the device must be able to send on a client's socket
+    /// (its `SO_SNDBUF` is raised for it when the client is handed out).
+    max_message: usize,
     epoll: Epoll,
     events: Vec<EpollEvent>,
     /// Keyed by an increasing id, so the first entry has the earliest deadline.
@@ -218,6 +241,7 @@ impl std::fmt::Debug for HandshakeServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HandshakeServer")
             .field("kind", &self.kind)
+            .field("sock_type", &self.sock_type)
             .field("pending", &self.pending.len())
             .field("stats", &self.stats())
             .finish()
@@ -227,6 +251,29 @@ impl std::fmt::Debug for HandshakeServer {
 impl HandshakeServer {
     /// Serves `listener` (switched to non-blocking), accepting lines of `kind` within `timeout`.
     pub fn new(listener: UnixListener, kind: LineKind, timeout: Duration) -> io::Result<Self> {
+        Self::with_type(listener, kind, timeout, SockType::Stream, 0)
+    }
+
+    /// Serves a `SOCK_SEQPACKET` `listener` in message mode (see the module docs): a client's
+    /// first message must be exactly one line of `kind`. The socket of each client handed out
+    /// is sized so that the device can send it messages of up to `max_message` bytes
+    /// ([`seqpacket::fit_messages`], best effort).
+    pub fn new_seqpacket(
+        listener: UnixListener,
+        kind: LineKind,
+        timeout: Duration,
+        max_message: usize,
+    ) -> io::Result<Self> {
+        Self::with_type(listener, kind, timeout, SockType::Seqpacket, max_message)
+    }
+
+    fn with_type(
+        listener: UnixListener,
+        kind: LineKind,
+        timeout: Duration,
+        sock_type: SockType,
+        max_message: usize,
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -237,6 +284,8 @@ impl HandshakeServer {
         Ok(HandshakeServer {
             listener,
             kind,
+            sock_type,
+            max_message,
             epoll,
             events: vec![EpollEvent::default(); EVENT_BATCH],
             pending: BTreeMap::new(),
@@ -246,6 +295,11 @@ impl HandshakeServer {
             stats: Arc::default(),
             backoff: AcceptBackoff::default(),
         })
+    }
+
+    /// The socket type of its clients: [`SockType::Seqpacket`] for a server in message mode.
+    pub fn sock_type(&self) -> SockType {
+        self.sock_type
     }
 
     /// Sets how many clients may be mid-handshake at once (at least 1).
@@ -319,8 +373,13 @@ impl HandshakeServer {
                     io::ErrorKind::WouldBlock => return,
                     _ if AcceptBackoff::is_exhaustion(&e) => {
                         let fd = self.listener.as_raw_fd();
-                        self.backoff
-                            .pause(&self.epoll, fd, self.kind.socket_name(), &e, now);
+                        self.backoff.pause(
+                            &self.epoll,
+                            fd,
+                            self.kind.socket_name(self.sock_type),
+                            &e,
+                            now,
+                        );
                         return;
                     }
                     _ => {
@@ -378,27 +437,18 @@ impl HandshakeServer {
         let Some(p) = self.pending.get_mut(&id) else {
             return;
         };
-        let start = p.len;
-        let end = loop {
-            if p.len == MAX_LINE {
-                break None;
-            }
-            match (&p.stream).read(&mut p.buf[p.len..]) {
-                Ok(0) => break None,
-                Ok(n) => {
-                    p.len += n;
-                    if let Some(end) = find_line(&p.buf[start..p.len]) {
-                        break Some(start + end);
-                    }
-                    if !is_viable_prefix(&p.buf[..p.len]) {
-                        break None;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => break None,
-            }
+        let end = match self.sock_type {
+            SockType::Stream => read_bytes(p),
+            SockType::Seqpacket => read_message(p),
         };
+        if let Some(end) = end {
+            self.finish(id, end, out);
+        }
+    }
+
+    /// Takes client `id` out of the table and hands it out if `end` (the length of its line)
+    /// is a valid line of our kind, else closes it.
+    fn finish(&mut self, id: u64, end: Option<usize>, out: &mut Vec<Incoming<SockStream>>) {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
@@ -422,16 +472,23 @@ impl HandshakeServer {
         }
         let incoming = match parse_line(&p.buf[..end]) {
             Ok(line) => {
-                self.kind
-                    .incoming(line, SockStream::from(p.stream), p.buf[end..p.len].to_vec())
+                let prefix = p.buf[end..p.len].to_vec();
+                let stream = SockStream::from(p.stream);
+                self.kind.incoming(line, stream, prefix, self.sock_type)
             }
             Err(e) => {
-                log::debug!("vsock backend: {e}");
+                log::debug!(
+                    "vsock backend: {}: {e}",
+                    self.kind.socket_name(self.sock_type)
+                );
                 None
             }
         };
         match incoming {
             Some(inc) => {
+                if self.sock_type == SockType::Seqpacket {
+                    seqpacket::fit_messages(inc.stream.as_raw_fd(), self.max_message);
+                }
                 Counters::inc(&self.stats.completed);
                 out.push(inc);
             }
@@ -453,6 +510,55 @@ impl HandshakeServer {
             // Closing the fd also takes it out of the epoll set.
             entry.remove();
             Counters::inc(&self.stats.timed_out);
+        }
+    }
+}
+
+/// Stream mode: reads what the client sent so far. `None`: nothing more to read now (the client
+/// stays pending); `Some(Some(end))`: a line of `end` bytes is complete; `Some(None)`: the
+/// client must be closed (end of stream, an error, a line too long or that cannot be valid).
+fn read_bytes(p: &mut Pending) -> Option<Option<usize>> {
+    let start = p.len;
+    loop {
+        if p.len == MAX_LINE {
+            return Some(None);
+        }
+        match (&p.stream).read(&mut p.buf[p.len..]) {
+            Ok(0) => return Some(None),
+            Ok(n) => {
+                p.len += n;
+                if let Some(end) = find_line(&p.buf[start..p.len]) {
+                    return Some(Some(start + end));
+                }
+                if !is_viable_prefix(&p.buf[..p.len]) {
+                    return Some(None);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(_) => return Some(None),
+        }
+    }
+}
+
+/// Message mode: receives the client's first message, which must be exactly one line (its
+/// `\n` last). Results as for [`read_bytes`]; an empty message or end of stream, a message cut
+/// at [`MAX_LINE`] (`MSG_TRUNC`) or one that is not exactly one line closes the client.
+fn read_message(p: &mut Pending) -> Option<Option<usize>> {
+    let fd = p.stream.as_raw_fd();
+    loop {
+        let mut iov = IoVecs::new();
+        iov.push_buf(&mut p.buf);
+        match sys::recvmsg(fd, &iov) {
+            Ok(m) if m.truncated || m.len == 0 || m.len > MAX_LINE => return Some(None),
+            Ok(m) => {
+                p.len = m.len;
+                let whole = find_line(&p.buf[..m.len]) == Some(m.len);
+                return Some(whole.then_some(m.len));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(_) => return Some(None),
         }
     }
 }

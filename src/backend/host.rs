@@ -5,36 +5,70 @@
 //! - Host → guest port `P`: a host program connects to `<socket>` and writes `CONNECT P\n`; the
 //!   connection is offered to the guest from CID 2 and an ephemeral port, and once the guest
 //!   accepts the device writes `OK <port>\n` (see [`super::accept`]).
+//! - `SOCK_SEQPACKET` (see [`super::seqpacket`]): guest connects go to the same `<socket>_P` with
+//!   a seqpacket socket; host programs connect a seqpacket socket to `<socket>_seqpacket` and
+//!   send the one message `CONNECT P\n`, answered by the one message `OK <port>\n`.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use super::accept::{HandshakeServer, LineKind};
+use super::seqpacket;
 use super::stream::SockStream;
 use super::unix::{self, BoundSocket};
+use crate::wire::SockType;
 
 /// The host Unix-socket backend of one device.
 #[derive(Debug)]
 pub struct HostBackend {
     server: HandshakeServer,
     socket: BoundSocket,
+    seq_server: HandshakeServer,
+    seq_socket: BoundSocket,
+    max_message: usize,
 }
 
 impl HostBackend {
-    /// Listens on `socket` for hybrid-vsock clients, which get `handshake_timeout` to send their
-    /// line. A stale socket file (nobody listening) is replaced; a live listener is refused with
-    /// `AddrInUse`, and a file that is not a socket with `AlreadyExists`.
-    pub fn bind(socket: &Path, handshake_timeout: Duration) -> io::Result<Self> {
+    /// Listens on `socket` for hybrid-vsock stream clients and on `<socket>_seqpacket` for
+    /// `SOCK_SEQPACKET` ones, which get `handshake_timeout` to send their line. For each path a
+    /// stale socket file (nobody listening) is replaced; a live listener is refused with
+    /// `AddrInUse`, and a file that is not a socket with `AlreadyExists`; the error names the
+    /// path. Seqpacket sockets are sized for messages of `max_message` bytes (the device's
+    /// buffer size; [`seqpacket::fit_messages`]).
+    pub fn bind(
+        socket: &Path,
+        handshake_timeout: Duration,
+        max_message: usize,
+    ) -> io::Result<Self> {
         let bound = BoundSocket::bind(socket)?;
         let server = HandshakeServer::new(
             bound.listener.try_clone()?,
             LineKind::Hybrid,
             handshake_timeout,
         )?;
+        let seq_path = seqpacket::seqpacket_path(socket);
+        let seq_bound = BoundSocket::bind_typed(&seq_path, SockType::Seqpacket).map_err(|e| {
+            let shown = seq_path.display().to_string();
+            match e.to_string() {
+                msg if msg.contains(&shown) => e,
+                msg => io::Error::new(e.kind(), format!("{shown}: {msg}")),
+            }
+        })?;
+        let seq_server = HandshakeServer::new_seqpacket(
+            seq_bound.listener.try_clone()?,
+            LineKind::Hybrid,
+            handshake_timeout,
+            max_message,
+        )?;
         Ok(HostBackend {
             server,
             socket: bound,
+            seq_server,
+            seq_socket: seq_bound,
+            max_message,
         })
     }
 
@@ -43,18 +77,29 @@ impl HostBackend {
         self.socket.path()
     }
 
-    /// The path a guest connect to `port` goes to: `<socket>_<port>`.
+    /// The `SOCK_SEQPACKET` socket path host programs connect to: `<socket>_seqpacket`.
+    pub fn seqpacket_socket_path(&self) -> &Path {
+        self.seq_socket.path()
+    }
+
+    /// The path a guest connect to `port` goes to, of either type: `<socket>_<port>`.
     pub fn port_path(&self, port: u32) -> PathBuf {
         let mut p = self.socket.path().as_os_str().to_owned();
         p.push(format!("_{port}"));
         PathBuf::from(p)
     }
 
-    /// Opens the host side of a guest connect to host port `port`, without blocking. Unix
-    /// connects complete at once, so `connected` is `true` on success; no listener (or a full
-    /// backlog) is an immediate error.
-    pub fn connect(&self, port: u32) -> io::Result<(SockStream, bool)> {
-        unix::connect(&self.port_path(port)).map(|s| (s, true))
+    /// Opens the host side of a guest connect to host port `port` with a socket of type
+    /// `sock_type`, without blocking. Unix connects complete at once, so `connected` is `true`
+    /// on success; no listener (or a full backlog) is an immediate error, and so is a listener
+    /// of the other type (`EPROTOTYPE`). A seqpacket socket is sized for messages of the
+    /// backend's `max_message` bytes, best effort.
+    pub fn connect(&self, port: u32, sock_type: SockType) -> io::Result<(SockStream, bool)> {
+        let s = unix::connect_typed(&self.port_path(port), sock_type)?;
+        if sock_type == SockType::Seqpacket {
+            seqpacket::fit_messages(s.as_raw_fd(), self.max_message);
+        }
+        Ok((s, true))
     }
 
     /// The server that accepts host clients and reads their handshake lines: poll its fd, run it,
@@ -66,6 +111,17 @@ impl HostBackend {
     /// The server, to run it ([`HandshakeServer::process`]) or set its limits.
     pub fn server_mut(&mut self) -> &mut HandshakeServer {
         &mut self.server
+    }
+
+    /// The server of `<socket>_seqpacket` (message mode): poll its fd, run it, read its
+    /// counters.
+    pub fn seqpacket_server(&self) -> &HandshakeServer {
+        &self.seq_server
+    }
+
+    /// The seqpacket server, to run it or set its limits.
+    pub fn seqpacket_server_mut(&mut self) -> &mut HandshakeServer {
+        &mut self.seq_server
     }
 }
 
@@ -84,7 +140,12 @@ mod tests {
     const T: Duration = Duration::from_millis(200);
 
     fn host(dir: &TempDir) -> HostBackend {
-        HostBackend::bind(&dir.path().join("v.sock"), T).unwrap()
+        HostBackend::bind(
+            &dir.path().join("v.sock"),
+            T,
+            seqpacket::DEFAULT_MAX_MESSAGE,
+        )
+        .unwrap()
     }
 
     /// Processes until `out` has `want` entries or `pred` holds, at most 2 s.
@@ -362,7 +423,7 @@ mod tests {
         let h = host(&dir);
         assert_eq!(h.port_path(52), dir.path().join("v.sock_52"));
         let l = UnixListener::bind(dir.path().join("v.sock_52")).unwrap();
-        let (s, connected) = h.connect(52).unwrap();
+        let (s, connected) = h.connect(52, SockType::Stream).unwrap();
         assert!(connected);
         let (mut peer, _) = l.accept().unwrap();
         let mut s = into_unix(s);
@@ -372,11 +433,52 @@ mod tests {
         assert_eq!(&b, b"hi");
 
         let start = Instant::now();
-        let e = h.connect(53).unwrap_err();
+        let e = h.connect(53, SockType::Stream).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
         drop(l);
-        let e = h.connect(52).unwrap_err();
+        let e = h.connect(52, SockType::Stream).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+        assert!(start.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_seqpacket_connect_moves_whole_messages_and_a_port_serves_one_type() {
+        use crate::backend::seqpacket::tests::{pattern, recv_one, send_one, seq_listener};
+        use crate::backend::seqpacket::{max_sendable, DEFAULT_MAX_MESSAGE};
+        let dir = tempfile::tempdir().unwrap();
+        let h = host(&dir);
+        let l = seq_listener(&h.port_path(60));
+        let (s, connected) = h.connect(60, SockType::Seqpacket).unwrap();
+        assert!(connected);
+        let (peer, _) = l.accept().unwrap();
+        // Sized for a message of the device's whole buffer.
+        assert!(max_sendable(s.as_raw_fd()).unwrap() >= DEFAULT_MAX_MESSAGE);
+        for (i, len) in [1, 3000, 65536, DEFAULT_MAX_MESSAGE]
+            .into_iter()
+            .enumerate()
+        {
+            let msg = pattern(len, i as u8);
+            assert_eq!(send_one(&s, &msg).unwrap(), len);
+            let (got, m) = recv_one(&peer, len + 1);
+            assert_eq!((m.len, m.truncated), (len, false));
+            assert_eq!(got, msg, "message {i} whole");
+        }
+        // And back, each message on its own.
+        let (a, b) = (pattern(100, 9), pattern(200, 10));
+        send_one(&peer, &a).unwrap();
+        send_one(&peer, &b).unwrap();
+        assert_eq!(recv_one(&s, 1000).0, a);
+        assert_eq!(recv_one(&s, 1000).0, b);
+
+        // A port serves one type: the other type fails at once with EPROTOTYPE.
+        let start = Instant::now();
+        let _stream_listener = UnixListener::bind(h.port_path(61)).unwrap();
+        let e = h.connect(61, SockType::Seqpacket).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPROTOTYPE), "{e}");
+        let e = h.connect(60, SockType::Stream).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPROTOTYPE), "{e}");
+        let e = h.connect(62, SockType::Seqpacket).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
         assert!(start.elapsed() < Duration::from_millis(100));
     }
 
@@ -384,10 +486,11 @@ mod tests {
     fn bind_refuses_a_live_listener_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let h = host(&dir);
-        let e = HostBackend::bind(&dir.path().join("v.sock"), T).unwrap_err();
+        let e = HostBackend::bind(&dir.path().join("v.sock"), T, 1 << 16).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
         drop(h);
         assert!(!dir.path().join("v.sock").exists());
+        assert!(!dir.path().join("v.sock_seqpacket").exists());
         // A stale file left by a crashed VMM is replaced.
         drop(UnixListener::bind(dir.path().join("v.sock")).unwrap());
         let _h = host(&dir);

@@ -12,6 +12,7 @@ pub mod host;
 pub mod listen;
 pub mod namespace;
 pub mod registry;
+pub mod seqpacket;
 pub mod stream;
 mod unix;
 pub mod uplink;

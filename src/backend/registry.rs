@@ -7,6 +7,13 @@
 //! offers the connection to its guest from `<src_cid>:<src_port>` and, once the guest accepts,
 //! answers `OK <port>\n` (if the guest refuses, the sibling closes the stream).
 //!
+//! Beside it, `<dir>/<cid>.sock_seqpacket` is a `SOCK_SEQPACKET` socket for programs that open a
+//! SEQPACKET connection to the guest (`vsock-connect --seqpacket`): their first message is
+//! exactly `CONNECT <port> FROM <src_cid> <src_port>\n`, answered by the one message
+//! `OK <port>\n`. Sibling devices relay every connection, SEQPACKET ones included, over the
+//! stream socket (a relayed REQUEST carries its type), so `RELAY` is refused there. Ownership is
+//! the stream socket's alone.
+//!
 //! # Permission model
 //!
 //! The registry directory's permissions decide who may take part: whoever can create files in it
@@ -34,11 +41,12 @@ use std::time::Duration;
 
 use super::accept::{HandshakeServer, LineKind};
 use super::namespace::{self, NsError, NsMode};
+use super::seqpacket;
 use super::stream::SockStream;
 use super::unix::{self, BoundSocket};
 use crate::sys;
 use crate::wire::line::Line;
-use crate::wire::Cid;
+use crate::wire::{Cid, SockType};
 
 /// Why a CID could not be claimed.
 #[derive(Debug, thiserror::Error)]
@@ -97,17 +105,23 @@ pub struct Registry {
     mode: NsMode,
     server: HandshakeServer,
     socket: BoundSocket,
+    seq_server: HandshakeServer,
+    seq_socket: BoundSocket,
 }
 
 impl Registry {
     /// Claims `cid` in the registry `dir` (created with mode `0700` if missing), a CID namespace
     /// of mode `ns_mode` (`None`: whatever mode the registry has; see [`namespace::settle`]).
-    /// Siblings get `handshake_timeout` to send their `FROM` line.
+    /// Siblings get `handshake_timeout` to send their `FROM` line. The seqpacket socket
+    /// `<dir>/<cid>.sock_seqpacket` is bound beside the stream one, with the same mode, and its
+    /// clients' sockets are sized for messages of `max_message` bytes (the device's buffer
+    /// size; [`seqpacket::fit_messages`]).
     pub fn claim(
         dir: &Path,
         cid: u64,
         ns_mode: Option<NsMode>,
         handshake_timeout: Duration,
+        max_message: usize,
     ) -> Result<Self, RegistryError> {
         if !guest_cid(cid) {
             return Err(RegistryError::BadCid(cid));
@@ -143,18 +157,33 @@ impl Registry {
         })?;
         fs::set_permissions(&path, fs::Permissions::from_mode(socket_mode(dir_mode)))
             .map_err(io_err(&path))?;
+        let seq_path = seqpacket::seqpacket_path(&path);
+        let seq_socket =
+            BoundSocket::bind_typed(&seq_path, SockType::Seqpacket).map_err(io_err(&seq_path))?;
+        fs::set_permissions(&seq_path, fs::Permissions::from_mode(socket_mode(dir_mode)))
+            .map_err(io_err(&seq_path))?;
         // After the bind, so that a VMM refused for a taken CID never sets a registry's mode;
         // on a mismatch the socket is unlinked again as `socket` drops.
         let mode = namespace::settle(dir, ns_mode)?;
         let listener = socket.listener.try_clone().map_err(io_err(&path))?;
         let server = HandshakeServer::new(listener, LineKind::Registry, handshake_timeout)
             .map_err(io_err(&path))?;
+        let seq_listener = seq_socket.listener.try_clone().map_err(io_err(&seq_path))?;
+        let seq_server = HandshakeServer::new_seqpacket(
+            seq_listener,
+            LineKind::Registry,
+            handshake_timeout,
+            max_message,
+        )
+        .map_err(io_err(&seq_path))?;
         Ok(Registry {
             dir: dir.to_path_buf(),
             cid,
             mode,
             server,
             socket,
+            seq_server,
+            seq_socket,
         })
     }
 
@@ -180,6 +209,11 @@ impl Registry {
     /// The socket siblings connect to, `<dir>/<cid>.sock`.
     pub fn socket_path(&self) -> &Path {
         self.socket.path()
+    }
+
+    /// The `SOCK_SEQPACKET` socket programs connect to, `<dir>/<cid>.sock_seqpacket`.
+    pub fn seqpacket_socket_path(&self) -> &Path {
+        self.seq_socket.path()
     }
 
     /// Whether a sibling (not this VMM) owns `cid`: `<dir>/<cid>.sock` exists and is a socket.
@@ -212,6 +246,7 @@ impl Registry {
                 cid: src_cid as u32,
                 src_port,
             },
+            SockType::Stream,
         )
     }
 
@@ -225,6 +260,17 @@ impl Registry {
     pub fn server_mut(&mut self) -> &mut HandshakeServer {
         &mut self.server
     }
+
+    /// The server of the seqpacket socket (message mode, programs only): poll its fd, run it,
+    /// read its counters.
+    pub fn seqpacket_server(&self) -> &HandshakeServer {
+        &self.seq_server
+    }
+
+    /// The seqpacket server, to run it or set its limits.
+    pub fn seqpacket_server_mut(&mut self) -> &mut HandshakeServer {
+        &mut self.seq_server
+    }
 }
 
 /// Whether some VMM may own `cid` in the registry `dir`: `<dir>/<cid>.sock` exists and is a
@@ -236,9 +282,11 @@ pub fn owned_in(dir: &Path, cid: u64) -> bool {
             .unwrap_or(false)
 }
 
-/// Connects to the guest `dst_cid` of the registry `dir` as a byte stream, without blocking,
-/// and writes `CONNECT <dst_port> FROM <src_cid> <src_port>\n`. The caller then waits for the
-/// sibling's `OK <port>\n` (or end of stream if its guest refused). For programs on this
+/// Connects to the guest `dst_cid` of the registry `dir` without blocking and sends
+/// `CONNECT <dst_port> FROM <src_cid> <src_port>\n`: as a byte stream to `<dst_cid>.sock`
+/// ([`SockType::Stream`]), or as one message to `<dst_cid>.sock_seqpacket`
+/// ([`SockType::Seqpacket`]). The caller then waits for the sibling's `OK <port>\n` (one message
+/// on a seqpacket connection), or end of stream if its guest refused. For programs on this
 /// machine that do not own a CID (`vsock-connect`): they connect as CID 2, the host.
 pub fn connect_in(
     dir: &Path,
@@ -246,6 +294,7 @@ pub fn connect_in(
     dst_port: u32,
     src_cid: u64,
     src_port: u32,
+    sock_type: SockType,
 ) -> io::Result<SockStream> {
     if !guest_cid(src_cid) && Cid(src_cid) != Cid::HOST {
         return Err(io::Error::new(
@@ -261,18 +310,24 @@ pub fn connect_in(
             cid: src_cid as u32,
             src_port,
         },
+        sock_type,
     )
 }
 
-/// Connects to `<dir>/<dst_cid>.sock` without blocking and writes the handshake `line`.
-fn open_line(dir: &Path, dst_cid: u64, line: Line) -> io::Result<SockStream> {
+/// Connects to `<dir>/<dst_cid>.sock` (or its seqpacket socket) without blocking and writes
+/// the handshake `line` (one `send`, so on a seqpacket socket one message).
+fn open_line(dir: &Path, dst_cid: u64, line: Line, ty: SockType) -> io::Result<SockStream> {
     if !guest_cid(dst_cid) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("destination CID {dst_cid} is not a guest CID"),
         ));
     }
-    let stream = unix::connect(&Registry::socket_of(dir, dst_cid))?;
+    let path = Registry::socket_of(dir, dst_cid);
+    let stream = match ty {
+        SockType::Stream => unix::connect(&path)?,
+        SockType::Seqpacket => unix::connect_typed(&seqpacket::seqpacket_path(&path), ty)?,
+    };
     let line = line.to_string();
     let n = sys::send_nosignal(stream.as_raw_fd(), line.as_bytes())?;
     if n != line.len() {
@@ -299,6 +354,7 @@ mod tests {
     use std::time::Instant;
 
     const T: Duration = Duration::from_millis(200);
+    const M: usize = seqpacket::DEFAULT_MAX_MESSAGE;
 
     fn run_until(
         r: &mut Registry,
@@ -321,26 +377,28 @@ mod tests {
     fn claim_creates_a_private_directory_and_refuses_a_second_claim() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("reg");
-        let a = Registry::claim(&dir, 5, None, T).unwrap();
+        let a = Registry::claim(&dir, 5, None, T, M).unwrap();
         let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(a.socket_path(), dir.join("5.sock"));
-        let e = Registry::claim(&dir, 5, None, T).unwrap_err();
+        let e = Registry::claim(&dir, 5, None, T, M).unwrap_err();
         assert!(matches!(e, RegistryError::CidInUse { cid: 5, .. }), "{e:?}");
         assert_eq!(
             e.to_string(),
             format!("CID 5 is in use by a live VMM (registry {})", dir.display())
         );
+        assert!(dir.join("5.sock_seqpacket").exists());
         drop(a);
         assert!(!dir.join("5.sock").exists());
-        let _again = Registry::claim(&dir, 5, None, T).unwrap();
+        assert!(!dir.join("5.sock_seqpacket").exists());
+        let _again = Registry::claim(&dir, 5, None, T, M).unwrap();
     }
 
     #[test]
     fn sockets_are_private_or_group_shared_never_open_to_others() {
         let tmp = tempfile::tempdir().unwrap();
         let private = tmp.path().join("private");
-        let a = Registry::claim(&private, 5, None, T).unwrap();
+        let a = Registry::claim(&private, 5, None, T, M).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(a.socket_path()), 0o600);
         // A group-shared directory set up by the administrator (and an odd, open one).
@@ -353,8 +411,13 @@ mod tests {
             let shared = tmp.path().join(format!("shared{dir_mode:o}"));
             fs::create_dir(&shared).unwrap();
             fs::set_permissions(&shared, fs::Permissions::from_mode(dir_mode)).unwrap();
-            let r = Registry::claim(&shared, 6, None, T).unwrap();
+            let r = Registry::claim(&shared, 6, None, T, M).unwrap();
             assert_eq!(mode(r.socket_path()), want, "directory {dir_mode:o}");
+            assert_eq!(
+                mode(r.seqpacket_socket_path()),
+                want,
+                "directory {dir_mode:o}"
+            );
         }
         assert_eq!(socket_mode(0o777), 0o660);
         assert_eq!(socket_mode(0o707), 0o600);
@@ -367,7 +430,7 @@ mod tests {
             let open = tmp.path().join(format!("open{dir_mode:o}"));
             fs::create_dir(&open).unwrap();
             fs::set_permissions(&open, fs::Permissions::from_mode(dir_mode)).unwrap();
-            let e = Registry::claim(&open, 5, None, T).unwrap_err();
+            let e = Registry::claim(&open, 5, None, T, M).unwrap_err();
             assert!(matches!(e, RegistryError::WorldWritable(_)), "{e:?}");
             assert!(e.to_string().contains("writable by every user"), "{e}");
             assert!(!open.join("5.sock").exists(), "nothing claimed");
@@ -378,7 +441,7 @@ mod tests {
     fn bad_cids_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
-            let e = Registry::claim(tmp.path(), cid, None, T).unwrap_err();
+            let e = Registry::claim(tmp.path(), cid, None, T, M).unwrap_err();
             assert!(matches!(e, RegistryError::BadCid(c) if c == cid), "{e:?}");
         }
     }
@@ -389,17 +452,17 @@ mod tests {
         // A VMM that died without unlinking its socket.
         drop(UnixListener::bind(tmp.path().join("7.sock")).unwrap());
         assert!(tmp.path().join("7.sock").exists());
-        let r = Registry::claim(tmp.path(), 7, None, T).unwrap();
+        let r = Registry::claim(tmp.path(), 7, None, T, M).unwrap();
         assert!(UnixStream::connect(r.socket_path()).is_ok());
     }
 
     #[test]
     fn owns_sees_live_siblings_only() {
         let tmp = tempfile::tempdir().unwrap();
-        let a = Registry::claim(tmp.path(), 3, None, T).unwrap();
+        let a = Registry::claim(tmp.path(), 3, None, T, M).unwrap();
         assert!(!a.owns(3), "our own CID is not a sibling's");
         assert!(!a.owns(4));
-        let b = Registry::claim(tmp.path(), 4, None, T).unwrap();
+        let b = Registry::claim(tmp.path(), 4, None, T, M).unwrap();
         assert!(a.owns(4));
         assert!(b.owns(3));
         fs::write(tmp.path().join("9.sock"), b"not a socket").unwrap();
@@ -412,8 +475,8 @@ mod tests {
     #[test]
     fn connect_relay_sends_the_relay_line_and_the_sibling_yields_a_packet_link() {
         let tmp = tempfile::tempdir().unwrap();
-        let a = Registry::claim(tmp.path(), 3, None, T).unwrap();
-        let mut b = Registry::claim(tmp.path(), 4, None, T).unwrap();
+        let a = Registry::claim(tmp.path(), 3, None, T, M).unwrap();
+        let mut b = Registry::claim(tmp.path(), 4, None, T, M).unwrap();
         let s = a.connect_relay(4, 80, 3, 1234).unwrap();
         let mut ours = UnixStream::from(OwnedFd::from(s));
         // The first frame follows the line; the sibling hands it on as the prefix.
@@ -454,8 +517,8 @@ mod tests {
     #[test]
     fn a_program_connects_as_the_host_with_a_byte_stream() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut b = Registry::claim(tmp.path(), 4, None, T).unwrap();
-        let s = connect_in(tmp.path(), 4, 80, 2, 77).unwrap();
+        let mut b = Registry::claim(tmp.path(), 4, None, T, M).unwrap();
+        let s = connect_in(tmp.path(), 4, 80, 2, 77, SockType::Stream).unwrap();
         let mut out = Vec::new();
         run_until(&mut b, &mut out, |_, o| o.len() == 1);
         let inc = out.pop().unwrap();
@@ -473,9 +536,104 @@ mod tests {
     }
 
     #[test]
+    fn a_program_connects_with_seqpacket_through_the_seqpacket_socket() {
+        use crate::backend::seqpacket::tests::{pattern, recv_one, send_one};
+        use crate::backend::seqpacket::{max_sendable, seqpacket_path};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = Registry::claim(tmp.path(), 4, None, T, M).unwrap();
+        assert_eq!(
+            b.seqpacket_socket_path(),
+            tmp.path().join("4.sock_seqpacket")
+        );
+        assert_eq!(seqpacket_path(b.socket_path()), b.seqpacket_socket_path());
+        let s = connect_in(tmp.path(), 4, 80, 2, 77, SockType::Seqpacket).unwrap();
+        let mut out = Vec::new();
+        let end = Instant::now() + Duration::from_secs(2);
+        while out.is_empty() {
+            assert!(Instant::now() < end, "{:?}", b.seqpacket_server().stats());
+            b.seqpacket_server_mut().process(Instant::now(), &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let inc = out.pop().unwrap();
+        assert_eq!(inc.guest_port, 80);
+        assert_eq!((inc.src_cid, inc.src_port), (2, Some(77)));
+        assert_eq!(inc.sock_type, SockType::Seqpacket);
+        assert_eq!(inc.framing, Framing::Bytes);
+        assert_eq!(inc.reply, AcceptReply::HybridOk);
+        assert_eq!(inc.route.path, RoutePath::Sibling);
+        assert!(inc.prefix.is_empty());
+        assert_eq!(
+            b.server().stats().accepted,
+            0,
+            "the stream socket saw nothing"
+        );
+        assert!(max_sendable(inc.stream.as_raw_fd()).unwrap() >= M);
+        // The answer and the data are messages, whole.
+        send_one(&inc.stream, b"OK 80\n").unwrap();
+        let big = pattern(M, 5);
+        send_one(&inc.stream, &big).unwrap();
+        assert_eq!(recv_one(&s, 64).0, b"OK 80\n");
+        let (got, m) = recv_one(&s, M + 1);
+        assert!(!m.truncated);
+        assert_eq!(got, big);
+        send_one(&s, b"up").unwrap();
+        assert_eq!(recv_one(&inc.stream, 64).0, b"up");
+    }
+
+    #[test]
+    fn the_seqpacket_socket_takes_program_lines_only_and_has_the_stream_socket_mode() {
+        use crate::backend::seqpacket::tests::{assert_closed, seq_client};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = Registry::claim(tmp.path(), 4, None, T, M).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(r.seqpacket_socket_path()), mode(r.socket_path()));
+        let mut out = Vec::new();
+        for (i, line) in [
+            &b"RELAY 80 FROM 5 1234\n"[..],
+            b"CONNECT 80\n",
+            b"CONNECT 80 FROM 1 5\n",
+            b"CONNECT 80 FROM 5 1234\nextra",
+            b"CONNECT 80 FROM 5 1234",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut c = seq_client(r.seqpacket_socket_path()).unwrap();
+            c.write_all(line).unwrap();
+            let end = Instant::now() + Duration::from_secs(2);
+            while r.seqpacket_server().stats().rejected != i as u64 + 1 {
+                assert!(Instant::now() < end, "{line:?}");
+                r.seqpacket_server_mut().process(Instant::now(), &mut out);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_closed(&c);
+        }
+        assert!(out.is_empty());
+        // A sibling guest's CID is accepted there too, as for the stream socket.
+        let mut c = seq_client(r.seqpacket_socket_path()).unwrap();
+        c.write_all(b"CONNECT 80 FROM 5 1234\n").unwrap();
+        let end = Instant::now() + Duration::from_secs(2);
+        while out.is_empty() {
+            assert!(Instant::now() < end);
+            r.seqpacket_server_mut().process(Instant::now(), &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!((out[0].src_cid, out[0].src_port), (5, Some(1234)));
+        // Ownership stays the stream socket's: without it the CID is not owned.
+        let seq = r.seqpacket_socket_path().to_path_buf();
+        let other = Registry::claim(tmp.path(), 3, None, T, M).unwrap();
+        assert!(other.owns(4));
+        fs::remove_file(r.socket_path()).unwrap();
+        assert!(seq.exists());
+        assert!(!other.owns(4));
+        drop(r);
+        assert!(!seq.exists(), "removed on drop");
+    }
+
+    #[test]
     fn only_valid_from_lines_are_accepted() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut r = Registry::claim(tmp.path(), 4, None, T).unwrap();
+        let mut r = Registry::claim(tmp.path(), 4, None, T, M).unwrap();
         let mut out = Vec::new();
         for (i, line) in [
             &b"CONNECT 80\n"[..],

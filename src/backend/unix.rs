@@ -1,5 +1,6 @@
 //! Unix socket helpers shared by the backends: a non-blocking `connect(2)` by path and a bind that
-//! replaces a stale socket file but never a live listener.
+//! replaces a stale socket file but never a live listener, of either socket type (`SOCK_STREAM`,
+//! `SOCK_SEQPACKET`).
 
 use std::fs;
 use std::io;
@@ -10,6 +11,10 @@ use std::path::{Path, PathBuf};
 
 use super::stream::SockStream;
 use crate::sys;
+use crate::wire::SockType;
+
+/// The backlog of the `SOCK_SEQPACKET` listeners (std's `UnixListener::bind` uses 128 too).
+const BACKLOG: libc::c_int = 128;
 
 /// Starts a non-blocking connect to the Unix stream socket at `path`.
 ///
@@ -18,7 +23,13 @@ use crate::sys;
 /// listener's backlog is full. `EAGAIN` is an error and not "in progress": the socket is *not*
 /// connecting, and waiting for writability would report success on an unconnected socket.
 pub(crate) fn connect(path: &Path) -> io::Result<SockStream> {
-    let fd = sys::stream_socket(libc::AF_UNIX)?;
+    connect_typed(path, SockType::Stream)
+}
+
+/// [`connect`] with a socket of type `ty`. A listener of the other type refuses at once with
+/// `EPROTOTYPE` (a port serves one type, as in the kernel).
+pub(crate) fn connect_typed(path: &Path, ty: SockType) -> io::Result<SockStream> {
+    let fd = sys::socket(libc::AF_UNIX, ty.libc())?;
     sys::connect_unix(fd.as_raw_fd(), path)?;
     Ok(SockStream::from_nonblocking(fd))
 }
@@ -56,6 +67,13 @@ impl BoundSocket {
     /// deleted); a socket with a live listener is refused (`AddrInUse`); a socket nobody listens
     /// on (`ECONNREFUSED`) is a stale leftover of a dead process and is removed first.
     pub(crate) fn bind(path: &Path) -> io::Result<BoundSocket> {
+        Self::bind_typed(path, SockType::Stream)
+    }
+
+    /// [`BoundSocket::bind`] for a listener of type `ty`. The liveness probe of an existing
+    /// socket file connects with the same type; a live listener of the other type
+    /// (`EPROTOTYPE`) is refused too.
+    pub(crate) fn bind_typed(path: &Path, ty: SockType) -> io::Result<BoundSocket> {
         match fs::symlink_metadata(path) {
             Ok(m) if !m.file_type().is_socket() => {
                 return Err(io::Error::new(
@@ -63,11 +81,12 @@ impl BoundSocket {
                     format!("{} exists and is not a socket", path.display()),
                 ));
             }
-            Ok(_) => match connect(path) {
+            Ok(_) => match connect_typed(path, ty) {
                 Ok(_) => {
                     return Err(in_use(path));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(in_use(path)),
+                Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => return Err(in_use(path)),
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                     log::info!("vsock backend: removing stale socket {}", path.display());
                     match fs::remove_file(path) {
@@ -82,7 +101,15 @@ impl BoundSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = match ty {
+            SockType::Stream => UnixListener::bind(path)?,
+            SockType::Seqpacket => {
+                // `UnixListener` only holds the fd: its `accept` (accept4) serves any type.
+                let fd = sys::socket(libc::AF_UNIX, ty.libc())?;
+                sys::bind_listen_unix(fd.as_raw_fd(), path, BACKLOG)?;
+                UnixListener::from(fd)
+            }
+        };
         listener.set_nonblocking(true)?;
         let id = FileId::of(path)?;
         Ok(BoundSocket {

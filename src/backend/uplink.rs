@@ -1,19 +1,23 @@
 //! The G2H uplink: connections our guest makes to CIDs nobody on this machine owns go to the
 //! parent machine's hypervisor, over AF_VSOCK with `VMADDR_FLAG_TO_HOST` (see the protocol notes,
-//! §9). For tests and single-level setups a Unix stand-in replaces AF_VSOCK.
+//! §9). For tests and single-level setups a Unix stand-in replaces AF_VSOCK. Both carry
+//! `SOCK_STREAM` and `SOCK_SEQPACKET` connections ([`Uplink::connect`]); `listen=` (inbound,
+//! [`super::listen`]) is stream-only.
 
 use std::fmt;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::seqpacket;
 use super::stream::SockStream;
 use super::unix;
 use super::vsock::{self, VMADDR_FLAG_TO_HOST};
-use crate::wire::Cid;
+use crate::wire::{Cid, SockType};
 
 /// The default vsock device of the parent machine.
 pub const DEV_VSOCK: &str = "/dev/vsock";
@@ -77,15 +81,27 @@ impl fmt::Display for UplinkSpec {
 pub struct Uplink {
     spec: UplinkSpec,
     attempts: Arc<AtomicU64>,
+    max_message: usize,
 }
 
 impl Uplink {
-    /// An uplink as specified. Nothing is opened until the first connect.
+    /// An uplink as specified. Nothing is opened until the first connect. The Unix stand-in's
+    /// seqpacket sockets are sized for messages of [`seqpacket::DEFAULT_MAX_MESSAGE`] bytes
+    /// unless [`Uplink::with_max_message`] says otherwise.
     pub fn new(spec: UplinkSpec) -> Self {
         Uplink {
             spec,
             attempts: Arc::default(),
+            max_message: seqpacket::DEFAULT_MAX_MESSAGE,
         }
+    }
+
+    /// Sizes the Unix stand-in's seqpacket sockets for messages of `bytes` (the device's
+    /// buffer size; [`seqpacket::fit_messages`], best effort). AF_VSOCK needs no such sizing:
+    /// its messages are bounded by the peer's advertised buffer.
+    pub fn with_max_message(mut self, bytes: usize) -> Self {
+        self.max_message = bytes;
+        self
     }
 
     /// The specification.
@@ -108,16 +124,19 @@ impl Uplink {
         Arc::clone(&self.attempts)
     }
 
-    /// Starts a non-blocking connect to `cid:port` on the parent side, which the parent's
-    /// kernel gives `timeout` (its own default would be 2 s). `connected` is `false` while an
-    /// AF_VSOCK connect is in progress. Errors: `NotConnected` without an uplink, `InvalidInput`
-    /// for a CID above `u32::MAX`, `PermissionDenied` when AF_VSOCK is forbidden
-    /// ([`vsock::FORBID_ENV`]), or the connect's own error.
+    /// Starts a non-blocking connect to `cid:port` on the parent side with a socket of type
+    /// `sock_type`, which the parent's kernel gives `timeout` (its own default would be 2 s):
+    /// AF_VSOCK with `VMADDR_FLAG_TO_HOST`, or with the Unix stand-in a Unix socket of that type
+    /// to `DIR/<cid>_<port>` (a listener of the other type refuses with `EPROTOTYPE`).
+    /// `connected` is `false` while an AF_VSOCK connect is in progress. Errors: `NotConnected`
+    /// without an uplink, `InvalidInput` for a CID above `u32::MAX`, `PermissionDenied` when
+    /// AF_VSOCK is forbidden ([`vsock::FORBID_ENV`]), or the connect's own error.
     pub fn connect(
         &self,
         cid: u64,
         port: u32,
         timeout: Duration,
+        sock_type: SockType,
     ) -> io::Result<(SockStream, bool)> {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         match &self.spec {
@@ -126,7 +145,11 @@ impl Uplink {
                 "no uplink configured",
             )),
             UplinkSpec::Unix(dir) => {
-                unix::connect(&dir.join(format!("{cid}_{port}"))).map(|s| (s, true))
+                let s = unix::connect_typed(&dir.join(format!("{cid}_{port}")), sock_type)?;
+                if sock_type == SockType::Seqpacket {
+                    seqpacket::fit_messages(s.as_raw_fd(), self.max_message);
+                }
+                Ok((s, true))
             }
             UplinkSpec::Vsock(_) => {
                 let cid = Cid(cid).to_u32().ok_or_else(|| {
@@ -135,7 +158,7 @@ impl Uplink {
                         format!("CID {cid} does not fit AF_VSOCK's 32 bits"),
                     )
                 })?;
-                vsock::connect(cid, port, VMADDR_FLAG_TO_HOST, timeout)
+                vsock::connect(cid, port, VMADDR_FLAG_TO_HOST, timeout, sock_type.libc())
                     .map(|(fd, done)| (SockStream::from_nonblocking(fd), done))
             }
         }
@@ -202,20 +225,47 @@ mod tests {
         let up = Uplink::new(UplinkSpec::Unix(dir.path().to_path_buf()));
         assert_eq!(up.attempts(), 0);
         let l = UnixListener::bind(dir.path().join("77_5000")).unwrap();
-        let (_s, connected) = up.connect(77, 5000, T).unwrap();
+        let (_s, connected) = up.connect(77, 5000, T, SockType::Stream).unwrap();
         assert!(connected);
         assert!(l.accept().is_ok());
         assert_eq!(up.attempts(), 1);
-        assert!(up.connect(77, 5001, T).is_err());
+        assert!(up.connect(77, 5001, T, SockType::Stream).is_err());
         assert_eq!(up.attempts(), 2);
         assert_eq!(up.parent_cid().unwrap(), None);
+    }
+
+    #[test]
+    fn unix_stand_in_connects_seqpacket_to_the_same_path() {
+        use crate::backend::seqpacket::max_sendable;
+        use crate::backend::seqpacket::tests::{pattern, recv_one, send_one, seq_listener};
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uplink::new(UplinkSpec::Unix(dir.path().to_path_buf())).with_max_message(300_000);
+        let l = seq_listener(&dir.path().join("77_5000"));
+        let (s, connected) = up.connect(77, 5000, T, SockType::Seqpacket).unwrap();
+        assert!(connected);
+        assert!(max_sendable(s.as_raw_fd()).unwrap() >= 300_000);
+        let (peer, _) = l.accept().unwrap();
+        let msg = pattern(300_000, 3);
+        assert_eq!(send_one(&s, &msg).unwrap(), msg.len());
+        let (got, m) = recv_one(&peer, msg.len() + 1);
+        assert!(!m.truncated);
+        assert_eq!(got, msg);
+        send_one(&peer, b"reply").unwrap();
+        assert_eq!(recv_one(&s, 64).0, b"reply");
+        // The stream listener of the stream test refuses a seqpacket connect, and back.
+        let _sl = UnixListener::bind(dir.path().join("77_5001")).unwrap();
+        let e = up.connect(77, 5001, T, SockType::Seqpacket).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPROTOTYPE));
+        let e = up.connect(77, 5000, T, SockType::Stream).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPROTOTYPE));
+        assert_eq!(up.attempts(), 3);
     }
 
     #[test]
     fn no_uplink_refuses() {
         let up = Uplink::new(UplinkSpec::None);
         assert!(!up.is_some());
-        let e = up.connect(3, 1, T).unwrap_err();
+        let e = up.connect(3, 1, T, SockType::Stream).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotConnected);
         assert_eq!(up.attempts(), 1);
     }
@@ -224,11 +274,13 @@ mod tests {
     fn vsock_uplink_fails_loudly_under_the_guard() {
         std::env::set_var(vsock::FORBID_ENV, "1");
         let up = Uplink::new("/dev/vsock".parse().unwrap());
-        let e = up.connect(2, 1234, T).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
-        assert!(e.to_string().contains(vsock::FORBID_ENV), "{e}");
+        for ty in [SockType::Stream, SockType::Seqpacket] {
+            let e = up.connect(2, 1234, T, ty).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+            assert!(e.to_string().contains(vsock::FORBID_ENV), "{e}");
+        }
         assert!(up.parent_cid().is_err());
-        assert_eq!(up.attempts(), 1);
+        assert_eq!(up.attempts(), 2);
         assert_eq!(vsock::sockets_created(), 0);
     }
 }

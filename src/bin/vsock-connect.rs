@@ -1,7 +1,8 @@
 //! `vsock-connect CID PORT`: connect a program's stdin/stdout to (CID, PORT) in the same single
 //! CID address space the nested guests see — a sibling guest through the CID registry, anything
 //! else through the G2H uplink when `g2h_fallback` is on. Like netcat; it builds statically so it
-//! can also run inside a guest.
+//! can also run inside a guest. With `--seqpacket` the connection is a SOCK_SEQPACKET one: each
+//! `read(2)` of stdin is sent as one message, and each message received is written to stdout.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,10 +17,12 @@ use vsock_router::backend::uplink::{Uplink, UplinkSpec};
 use vsock_router::config::parse_switch;
 use vsock_router::router::{decide, Decision, RefuseReason, RouteCtx};
 use vsock_router::sys;
+use vsock_router::vq::IoVecs;
 use vsock_router::wire::line::parse_ok_line;
+use vsock_router::wire::SockType;
 
 const USAGE: &str = "usage: vsock-connect [--registry DIR] [--uplink none|/dev/vsock|unix:DIR] \
-[--fallback 0|1] CID PORT
+[--fallback 0|1] [--seqpacket] CID PORT
 
 Connects stdin/stdout to (CID, PORT), routed like a nested guest's connection:
   a CID owned by a guest in the registry  -> that guest (it sees this program as CID 2)
@@ -27,7 +30,11 @@ Connects stdin/stdout to (CID, PORT), routed like a nested guest's connection:
   otherwise                               -> fails with ENODEV
 A registry that is a local CID namespace (its ns_mode file says local) reaches
 nothing through the uplink: CIDs none of its guests own fail with ENODEV.
-Defaults: --uplink /dev/vsock when it exists, else none; --fallback 1.
+--seqpacket opens a SOCK_SEQPACKET connection on the same routes (the registry's
+<cid>.sock_seqpacket, AF_VSOCK SOCK_SEQPACKET, the unix:DIR stand-in): each read of
+stdin (at most 64 KiB) is sent as one message, each message received is written to
+stdout as it is, with nothing added.
+Defaults: --uplink /dev/vsock when it exists, else none; --fallback 1; SOCK_STREAM.
 Example: echo hello | vsock-connect --registry /run/vsock 5 9000";
 
 struct Args {
@@ -36,18 +43,21 @@ struct Args {
     fallback: bool,
     cid: u64,
     port: u32,
+    sock_type: SockType,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut registry = None;
     let mut uplink = None;
     let mut fallback = true;
+    let mut sock_type = SockType::Stream;
     let mut pos = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
             "--help" | "-h" => return Err(String::new()),
+            "--seqpacket" => sock_type = SockType::Seqpacket,
             "--registry" => registry = Some(PathBuf::from(value("--registry")?)),
             "--uplink" => {
                 let v = value("--uplink")?;
@@ -86,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
         fallback,
         cid,
         port,
+        sock_type,
     })
 }
 
@@ -132,6 +143,143 @@ fn read_ok(s: &mut UnixStream) -> io::Result<()> {
         io::ErrorKind::ConnectionRefused,
         "the sibling's guest refused the connection",
     ))
+}
+
+/// The most a read of stdin takes, so the most one message we send holds.
+const MAX_READ: usize = 64 * 1024;
+
+/// The receive buffer to start with: the largest message a Linux AF_VSOCK peer can send us by
+/// default (our `SO_VM_SOCKETS_BUFFER_SIZE`). It grows for larger messages.
+const RECV_BUF: usize = 256 * 1024;
+
+/// Waits (bounded by `timeout`, or forever) until `fd` is readable or hung up.
+fn wait_readable(fd: &UnixStream, timeout: Option<Duration>) -> io::Result<bool> {
+    let ms = timeout.map_or(-1, |t| t.as_millis() as i32);
+    loop {
+        match sys::poll_one(fd.as_raw_fd(), libc::POLLIN, ms) {
+            Ok(r) => return Ok(r != 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Receives the next whole message into `buf` (grown to the message's size when the socket
+/// tells it), waiting for it. `Ok(None)`: end of stream. A message that does not fit (the
+/// socket could not tell its size) is an error, never cut silently.
+fn recv_message(s: &UnixStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    let fd = s.as_raw_fd();
+    loop {
+        wait_readable(s, None)?;
+        match sys::peek_msg_len(fd) {
+            Ok(n) if n > buf.len() => buf.resize(n, 0),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Kernels before 6.3 cannot peek at an AF_VSOCK message: `buf` is their limit.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {}
+            Err(e) => return Err(e),
+        }
+        let mut iov = IoVecs::new();
+        iov.push_buf(buf);
+        let m = match sys::recvmsg(fd, &iov) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if m.truncated {
+            return Err(io::Error::other(format!(
+                "a message of {} bytes did not fit the {}-byte buffer",
+                m.len,
+                buf.len()
+            )));
+        }
+        if m.len == 0 {
+            // End of stream, or an empty message: AF_UNIX reads both as 0. An empty message
+            // leaves the peer's side open.
+            if sys::peer_hung_up(fd, true) {
+                return Ok(None);
+            }
+            continue;
+        }
+        return Ok(Some(m.len));
+    }
+}
+
+/// Reads the sibling's answer, which on a seqpacket connection is the one message
+/// `OK <port>\n`.
+fn read_ok_message(s: &UnixStream) -> io::Result<()> {
+    let refused = || {
+        io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "the sibling's guest refused the connection",
+        )
+    };
+    if !wait_readable(s, Some(CONNECT_TIMEOUT))? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the sibling did not answer within {CONNECT_TIMEOUT:?}"),
+        ));
+    }
+    let mut buf = vec![0u8; 32];
+    let mut iov = IoVecs::new();
+    iov.push_buf(&mut buf);
+    let m = sys::recvmsg(s.as_raw_fd(), &iov)?;
+    if m.len == 0 {
+        return Err(refused());
+    }
+    let got = &buf[..m.len.min(buf.len())];
+    match parse_ok_line(got) {
+        Some(_) if !m.truncated => Ok(()),
+        _ => Err(io::Error::other(format!(
+            "the sibling answered {:?}{}, not the message OK <port>",
+            String::from_utf8_lossy(got),
+            if m.truncated { "..." } else { "" }
+        ))),
+    }
+}
+
+/// Sends each read of stdin as one message (then shuts the write side) and writes each message
+/// received to stdout.
+fn relay_messages(stream: UnixStream) -> io::Result<()> {
+    let up = stream.try_clone()?;
+    let t = std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_READ];
+        let mut stdin = io::stdin().lock();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("vsock-connect: stdin: {e}");
+                    break;
+                }
+            };
+            // One write(2) on a SOCK_SEQPACKET socket is one message, sent whole or not at all.
+            match (&up).write(&buf[..n]) {
+                Ok(w) if w == n => {}
+                Ok(w) => {
+                    eprintln!("vsock-connect: a message of {n} bytes went out as {w}");
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("vsock-connect: sending a message of {n} bytes: {e}");
+                    break;
+                }
+            }
+        }
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut out = io::stdout().lock();
+    while let Some(n) = recv_message(&stream, &mut buf)? {
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
+    drop(t);
+    Ok(())
 }
 
 /// Copies stdin to the stream (then shuts its write side) and the stream to stdout.
@@ -194,12 +342,24 @@ fn run(a: Args) -> Result<(), String> {
             let d = a.registry.as_ref().expect("owned implies a registry");
             // Outside the devices' ephemeral range [2^30, 2^31), so it never collides with them.
             let src_port = (1 << 31) | (std::process::id() & 0x3fff_ffff);
-            let s = registry::connect_in(d, a.cid, a.port, 2, src_port)
-                .map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
+            let s = registry::connect_in(d, a.cid, a.port, 2, src_port, a.sock_type).map_err(
+                |e| match (a.sock_type, e.kind()) {
+                    (SockType::Seqpacket, io::ErrorKind::NotFound) => format!(
+                        "CID {} port {}: {e}: its VMM serves no SOCK_SEQPACKET socket in the \
+                         registry",
+                        a.cid, a.port
+                    ),
+                    _ => format!("CID {} port {}: {e}", a.cid, a.port),
+                },
+            )?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, true).map_err(|e| e.to_string())?;
             let mut s = UnixStream::from(fd);
-            read_ok(&mut s).map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
+            match a.sock_type {
+                SockType::Stream => read_ok(&mut s),
+                SockType::Seqpacket => read_ok_message(&s),
+            }
+            .map_err(|e| format!("CID {} port {}: {e}", a.cid, a.port))?;
             s
         }
         Decision::Host | Decision::Uplink => {
@@ -210,19 +370,23 @@ fn run(a: Args) -> Result<(), String> {
                     a.cid, a.uplink
                 );
             }
-            let up = Uplink::new(a.uplink.clone());
+            let up = Uplink::new(a.uplink.clone()).with_max_message(MAX_READ);
             let (s, connected) = up
-                .connect(a.cid, a.port, CONNECT_TIMEOUT)
+                .connect(a.cid, a.port, CONNECT_TIMEOUT, a.sock_type)
                 .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
             let fd: OwnedFd = s.into();
             finish_connect(&fd, connected)
                 .map_err(|e| format!("CID {} port {} via {}: {e}", a.cid, a.port, a.uplink))?;
-            // UnixStream only uses read/write/shutdown, which work on any stream socket
-            // (AF_VSOCK included).
+            // UnixStream only uses read/write/shutdown, which work on any stream or seqpacket
+            // socket (AF_VSOCK included).
             UnixStream::from(fd)
         }
     };
-    relay(stream).map_err(|e| e.to_string())
+    match a.sock_type {
+        SockType::Stream => relay(stream),
+        SockType::Seqpacket => relay_messages(stream),
+    }
+    .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -122,18 +122,21 @@ impl Router {
                 }
             }
         }
-        let host = HostBackend::bind(&cfg.socket, cfg.handshake_timeout).map_err(|source| {
-            RouterError::Socket {
+        // A guest cannot send a SEQPACKET message larger than the buffer the device advertises.
+        let max_message = cfg.buffer_size as usize;
+        let host = HostBackend::bind(&cfg.socket, cfg.handshake_timeout, max_message).map_err(
+            |source| RouterError::Socket {
                 path: cfg.socket.display().to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let registry = match &cfg.registry {
             Some(dir) => Some(Registry::claim(
                 dir,
                 cfg.cid,
                 cfg.ns_mode,
                 cfg.handshake_timeout,
+                max_message,
             )?),
             None => None,
         };
@@ -152,7 +155,7 @@ impl Router {
         };
         let uplink = match &cfg.uplink {
             UplinkSpec::None => None,
-            spec => Some(Uplink::new(spec.clone())),
+            spec => Some(Uplink::new(spec.clone()).with_max_message(max_message)),
         };
         let listen = if cfg.listen.is_empty() {
             None
@@ -160,8 +163,9 @@ impl Router {
             Some(ListenBackend::new(&cfg.uplink, &cfg.listen).map_err(uplink_err)?)
         };
         let epoll = Epoll::new().map_err(RouterError::Epoll)?;
-        let mut fds = vec![host.server().poll_fd()];
+        let mut fds = vec![host.server().poll_fd(), host.seqpacket_server().poll_fd()];
         fds.extend(registry.as_ref().map(|r| r.server().poll_fd()));
+        fds.extend(registry.as_ref().map(|r| r.seqpacket_server().poll_fd()));
         fds.extend(listen.as_ref().map(|l| l.poll_fd()));
         for fd in fds {
             epoll
@@ -199,7 +203,9 @@ impl Router {
     pub fn stats(&self) -> RouterStats {
         RouterStats {
             host: self.host.server().view(),
+            host_seqpacket: self.host.seqpacket_server().view(),
             registry: self.registry.as_ref().map(|r| r.server().view()),
+            registry_seqpacket: self.registry.as_ref().map(|r| r.seqpacket_server().view()),
             uplink_attempts: self.uplink.as_ref().map(Uplink::attempt_counter),
             listen_paused: self
                 .listen
@@ -211,14 +217,18 @@ impl Router {
 }
 
 /// A live, thread-safe view of a [`Router`]'s host-side counters: the handshakes of the hybrid
-/// socket and of the registry socket, the uplink's connect attempts, the `listen=` listeners'
-/// accept pauses.
+/// sockets and of the registry sockets (stream and seqpacket each), the uplink's connect
+/// attempts, the `listen=` listeners' accept pauses.
 #[derive(Clone, Debug)]
 pub struct RouterStats {
     /// The hybrid socket's handshakes.
     pub host: HandshakeView,
+    /// The hybrid seqpacket socket's (`<socket>_seqpacket`) handshakes.
+    pub host_seqpacket: HandshakeView,
     /// The registry socket's (sibling) handshakes, with a registry.
     pub registry: Option<HandshakeView>,
+    /// The registry seqpacket socket's (programs') handshakes, with a registry.
+    pub registry_seqpacket: Option<HandshakeView>,
     /// Connect attempts on the uplink, with one.
     pub uplink_attempts: Option<Arc<AtomicU64>>,
     /// Accept pauses of each `listen=` listener.
@@ -256,7 +266,11 @@ impl Backend for Router {
         let decision = decide(req.dst_cid, &ctx, |c| registry.is_some_and(|r| r.owns(c)));
         let (res, path, framing) = match decision {
             Decision::Refuse(_) => return Err(Refusal::NoRoute),
-            Decision::Host => (self.host.connect(req.dst_port), Path::Host, Framing::Bytes),
+            Decision::Host => (
+                self.host.connect(req.dst_port, req.sock_type),
+                Path::Host,
+                Framing::Bytes,
+            ),
             Decision::Sibling => {
                 let r = self.registry.as_ref().ok_or(Refusal::NoRoute)?;
                 let res = r
@@ -266,7 +280,12 @@ impl Backend for Router {
             }
             Decision::Uplink => {
                 let u = self.uplink.as_ref().ok_or(Refusal::NoRoute)?;
-                let res = u.connect(req.dst_cid, req.dst_port, self.connect_timeout);
+                let res = u.connect(
+                    req.dst_cid,
+                    req.dst_port,
+                    self.connect_timeout,
+                    req.sock_type,
+                );
                 (res, Path::Uplink, Framing::Bytes)
             }
         };
@@ -291,8 +310,10 @@ impl Backend for Router {
         let mut evs = [EpollEvent::default(); 8];
         let _ = self.epoll.wait(0, &mut evs);
         self.host.server_mut().process(now, out);
+        self.host.seqpacket_server_mut().process(now, out);
         if let Some(r) = self.registry.as_mut() {
             r.server_mut().process(now, out);
+            r.seqpacket_server_mut().process(now, out);
         }
         if let Some(l) = self.listen.as_mut() {
             l.process(now, out);
@@ -302,9 +323,13 @@ impl Backend for Router {
     fn next_deadline(&self) -> Option<Instant> {
         [
             self.host.server().next_deadline(),
+            self.host.seqpacket_server().next_deadline(),
             self.registry
                 .as_ref()
                 .and_then(|r| r.server().next_deadline()),
+            self.registry
+                .as_ref()
+                .and_then(|r| r.seqpacket_server().next_deadline()),
             self.listen.as_ref().and_then(|l| l.next_deadline()),
         ]
         .into_iter()

@@ -273,3 +273,43 @@ pub fn is_nonblocking(fd: RawFd) -> io::Result<bool> {
     let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) } as isize)? as libc::c_int;
     Ok(fl & libc::O_NONBLOCK != 0)
 }
+
+/// Reads an integer socket option.
+pub fn get_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    cvt(r as isize)?;
+    Ok(value)
+}
+
+/// Binds the Unix socket `fd` to the filesystem `path` and makes it listen with `backlog`.
+pub fn bind_listen_unix(fd: RawFd, path: &Path, backlog: libc::c_int) -> io::Result<()> {
+    let (addr, len) = sockaddr_un(path)?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes, alive for the call.
+    let r = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    cvt(r as isize)?;
+    // SAFETY: plain syscall on a caller's socket.
+    cvt(unsafe { libc::listen(fd, backlog) } as isize).map(drop)
+}
+
+/// The length of the next message waiting on a `SOCK_SEQPACKET` socket, without taking it
+/// (`recv(2)` with `MSG_PEEK | MSG_TRUNC`, non-blocking): `WouldBlock` when none waits, `Ok(0)`
+/// for an empty message or end of stream.
+pub fn peek_msg_len(fd: RawFd) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    let flags = libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT;
+    // SAFETY: `byte` is valid for writes of its length during the call; with MSG_TRUNC the
+    // kernel still writes at most that length and only reports the message's real one.
+    let n = unsafe { libc::recv(fd, byte.as_mut_ptr().cast(), byte.len(), flags) };
+    cvt(n)
+}

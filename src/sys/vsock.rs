@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::socket::{cvt, set_timeval_option, stream_socket};
+use super::socket::{cvt, set_timeval_option, socket as typed_socket};
 
 /// Set this environment variable to anything non-empty to forbid AF_VSOCK in the process.
 pub const FORBID_ENV: &str = "VSOCK_ROUTER_FORBID_AF_VSOCK";
@@ -82,25 +82,28 @@ fn check_allowed(what: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn socket(what: &str) -> io::Result<OwnedFd> {
+/// A new AF_VSOCK socket of type `ty` (`SOCK_STREAM`, `SOCK_SEQPACKET`), behind the guard.
+fn socket(what: &str, ty: libc::c_int) -> io::Result<OwnedFd> {
     check_allowed(what)?;
     CREATED.fetch_add(1, Ordering::Relaxed);
-    stream_socket(libc::AF_VSOCK)
+    typed_socket(libc::AF_VSOCK, ty)
 }
 
 /// `SO_VM_SOCKETS_CONNECT_TIMEOUT` (the `struct timeval` form, option 6 at level `AF_VSOCK`).
 const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
 
-/// Starts a non-blocking connect to `cid:port` with `flags`, which the kernel gives `timeout`
-/// (`SO_VM_SOCKETS_CONNECT_TIMEOUT`; its default is 2 s); `connected` is `false` while it is
-/// in progress (wait for writability, then check `SO_ERROR`).
+/// Starts a non-blocking connect of a socket of type `ty` (`SOCK_STREAM`, `SOCK_SEQPACKET`) to
+/// `cid:port` with `flags`, which the kernel gives `timeout` (`SO_VM_SOCKETS_CONNECT_TIMEOUT`;
+/// its default is 2 s); `connected` is `false` while it is in progress (wait for writability,
+/// then check `SO_ERROR`).
 pub(crate) fn connect(
     cid: u32,
     port: u32,
     flags: u8,
     timeout: Duration,
+    ty: libc::c_int,
 ) -> io::Result<(OwnedFd, bool)> {
-    let fd = socket("vsock connect")?;
+    let fd = socket("vsock connect", ty)?;
     set_timeval_option(
         fd.as_raw_fd(),
         libc::AF_VSOCK,
@@ -131,7 +134,7 @@ pub(crate) fn connect(
 
 /// A non-blocking AF_VSOCK listener on `port` (any local CID).
 pub(crate) fn listen(port: u32) -> io::Result<OwnedFd> {
-    let fd = socket("vsock listen")?;
+    let fd = socket("vsock listen", libc::SOCK_STREAM)?;
     let addr = SockaddrVm::new(VMADDR_CID_ANY, port, 0);
     // SAFETY: `addr` is a valid sockaddr_vm, alive for the call.
     let r = unsafe {
@@ -201,9 +204,11 @@ mod tests {
     #[test]
     fn every_af_vsock_entry_point_is_guarded() {
         assert!(af_vsock_forbidden());
-        let e = connect(2, 80, VMADDR_FLAG_TO_HOST, Duration::from_secs(2)).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
-        assert!(e.to_string().contains(FORBID_ENV), "{e}");
+        for ty in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET] {
+            let e = connect(2, 80, VMADDR_FLAG_TO_HOST, Duration::from_secs(2), ty).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+            assert!(e.to_string().contains(FORBID_ENV), "{e}");
+        }
         assert!(listen(80).is_err());
         assert!(local_cid(Path::new("/dev/vsock")).is_err());
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
