@@ -117,13 +117,16 @@ fn guest_connects_to_a_seqpacket_host_service_and_a_port_serves_one_type() {
     let mut v = vm(&cfg);
     let port = v.g.connect_seq(2, 1234).expect("seqpacket connect");
     let s = accept(&seq);
-    // A message of the device's whole buffer crosses whole (SO_SNDBUF was raised for it). It
-    // goes first: sent after others, it waits for a credit update the device does not send
-    // (the guest's view of the free space stays above half the buffer, and the part of the
-    // message it can send is not forwarded before its end).
+    // A message of the device's whole buffer crosses whole (SO_SNDBUF was raised for it), also
+    // after others: the guest then believes in less credit than the message needs, and its
+    // first packets (which the device holds until the message ends) bring it a credit update
+    // for the messages before, as a Linux receiver's dequeue would.
     let limit = v.g.socks[&port].peer_buf_alloc as usize;
     assert_eq!(limit, 256 * 1024);
-    for (i, len) in [limit, 1, 5000, 65536 + 1].into_iter().enumerate() {
+    for (i, len) in [1, 5000, 65536 + 1, limit, 3, limit]
+        .into_iter()
+        .enumerate()
+    {
         let m = pattern(len, i as u8);
         v.g.send_msg(port, &m, i % 2 == 0, T).unwrap();
         same(&recv(&s), &m);

@@ -181,12 +181,15 @@ impl VsockControl for LibraryControl {
     }
 }
 
-/// The handshake counters of the hybrid socket (`host`) and the registry socket (`registry`).
+/// The handshake counters of the hybrid sockets (`host`, `host_seqpacket`) and the registry's
+/// (`registry`, `registry_seqpacket`).
 fn handshakes(stats: &RouterStats) -> BTreeMap<String, BTreeMap<String, u64>> {
     let mut out = BTreeMap::new();
     let views = [
         ("host", Some(&stats.host)),
+        ("host_seqpacket", Some(&stats.host_seqpacket)),
         ("registry", stats.registry.as_ref()),
+        ("registry_seqpacket", stats.registry_seqpacket.as_ref()),
     ];
     for (socket, view) in views {
         let Some(s) = view.map(|v| v.stats()) else {

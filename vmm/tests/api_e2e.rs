@@ -474,7 +474,9 @@ fn vsock_endpoints_end_to_end() {
         "vsock_guest_cid 3",
         "vsock_g2h_fallback 1",
         "vsock_guest_connections_total{route=\"host\"} 0",
-        "vsock_connections{path=\"host\",state=\"established\"} 0",
+        "vsock_connections{path=\"host\",state=\"established\",type=\"stream\"} 0",
+        "vsock_connections{path=\"host\",state=\"established\",type=\"seqpacket\"} 0",
+        "vsock_handshakes_total{socket=\"host_seqpacket\",result=\"completed\"} 0",
     ] {
         assert!(
             metrics.body.lines().any(|l| l == line),

@@ -38,6 +38,11 @@ impl Inbound {
         (self.rx_cnt - self.fwd_cnt).0
     }
 
+    /// Whether bytes were forwarded since the guest last heard `fwd_cnt`.
+    pub fn untold(&self) -> bool {
+        self.told != self.fwd_cnt
+    }
+
     /// Bytes forwarded so far, as every packet we send says.
     pub fn fwd_cnt(&self) -> u32 {
         self.fwd_cnt.0

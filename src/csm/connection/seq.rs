@@ -7,7 +7,9 @@
 //! its last packet comes, which then goes out in the same call, from guest memory. A message
 //! the host socket cannot take yet waits whole in the TX buffer with its length queued, and
 //! the queued messages go out in order. The credit is the stream's: bytes count as forwarded
-//! (`fwd_cnt`) once their message is in the host socket.
+//! (`fwd_cnt`) once their message is in the host socket, and the first packet of a longer
+//! message brings the guest a credit update when bytes were forwarded since it last heard (the
+//! device holds that message until its end, so the guest must not wait on stale credit).
 //!
 //! Host → guest: one `recvmsg(2)` per message, with `MSG_TRUNC` so that a message is never
 //! taken for a shorter one. Its first part goes straight into the RX buffer; the rest of a
@@ -170,6 +172,13 @@ impl<S: VsockStream> Connection<S> {
                 .push_from_guest(mem, chain, HEADER_LEN as u64, len);
             debug_assert_eq!(taken, len, "credit check guarantees room");
             s.partial += taken;
+            if self.inbound.untold() {
+                // The device holds this message until its end, so the guest's credit must
+                // reach it: tell it what the messages before freed (a Linux receiver sends a
+                // credit update with every message it dequeues), or a message longer than
+                // the credit it believes in would wait for ever.
+                self.pending.insert(super::PendingRx::CreditUpdate);
+            }
             return;
         }
         let partial = s.partial;

@@ -25,8 +25,9 @@ pub struct VsockCounters {
     pub activity: BTreeMap<String, u64>,
     /// Errors by kind (e.g. `"connect_failed"`, `"bad_len"`), and nothing else.
     pub errors: BTreeMap<String, u64>,
-    /// Handshakes of host-side clients by socket (`"host"`: the hybrid socket, `"registry"`:
-    /// siblings) and outcome (`"accepted"`, `"completed"`, `"rejected"`, `"timed_out"`,
+    /// Handshakes of host-side clients by socket (`"host"`: the hybrid socket,
+    /// `"host_seqpacket"`: its SOCK_SEQPACKET twin, `"registry"`: siblings and programs,
+    /// `"registry_seqpacket"`: programs' SOCK_SEQPACKET connections) and outcome (`"accepted"`, `"completed"`, `"rejected"`, `"timed_out"`,
     /// `"over_limit"`, `"accept_paused"`).
     pub handshakes: BTreeMap<String, BTreeMap<String, u64>>,
     /// RSTs the device sent the guest, by reason (`"refused"`, `"connect_failed"`,

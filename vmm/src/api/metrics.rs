@@ -280,7 +280,8 @@ impl Collector for Scrape {
         )?;
         let mut family = e.encode_descriptor(
             "vsock_handshakes",
-            "Host-side clients by socket (host: the hybrid socket, registry: sibling VMMs) and \
+            "Host-side clients by socket (host: the hybrid socket, host_seqpacket: its \
+             SOCK_SEQPACKET twin, registry: sibling VMMs and programs, registry_seqpacket) and \
              result: completed, rejected (bad or wrong-kind line, gone before its end), timed_out, \
              over_limit (closed for a newer client when too many were mid-handshake).",
             None,
