@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{SimGuest, SimSock, SockState};
+use super::{SimGuest, SockState};
 use crate::wire::{op, seq, sock_type, MAX_PAYLOAD};
 
 impl SimGuest {
@@ -15,20 +15,7 @@ impl SimGuest {
     pub fn connect_seq(&mut self, cid: u64, port: u32) -> Result<u32, SockState> {
         let local = self.next_port;
         self.next_port += 1;
-        let mut s = SimSock::new(local, cid, port, self.buf_alloc);
-        s.sock_type = sock_type::SEQPACKET;
-        self.socks.insert(local, s);
-        self.send_ctl(local, op::REQUEST, 0);
-        self.pump_until(Duration::from_secs(5), |g| {
-            g.socks[&local].state != SockState::Connecting
-        });
-        match self.socks[&local].state {
-            SockState::Established => Ok(local),
-            st => {
-                self.socks.remove(&local);
-                Err(st)
-            }
-        }
+        self.connect_typed(local, cid, port, sock_type::SEQPACKET)
     }
 
     /// Sends `msg` as one message on the SOCK_SEQPACKET socket `port` (`eor`: with `MSG_EOR`),

@@ -174,7 +174,19 @@ impl SimGuest {
 
     /// Connects from a chosen local port.
     pub fn connect_from(&mut self, local: u32, cid: u64, port: u32) -> Result<u32, SockState> {
-        let s = SimSock::new(local, cid, port, self.buf_alloc);
+        self.connect_typed(local, cid, port, sock_type::STREAM)
+    }
+
+    /// Connects a socket of type `ty` from a chosen local port.
+    pub(super) fn connect_typed(
+        &mut self,
+        local: u32,
+        cid: u64,
+        port: u32,
+        ty: u16,
+    ) -> Result<u32, SockState> {
+        let mut s = SimSock::new(local, cid, port, self.buf_alloc);
+        s.sock_type = ty;
         self.socks.insert(local, s);
         self.send_ctl(local, op::REQUEST, 0);
         self.pump_until(Duration::from_secs(5), |g| {

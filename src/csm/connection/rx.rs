@@ -107,22 +107,28 @@ impl<S: VsockStream> Connection<S> {
             match self.stream.read_iov(&iov) {
                 Ok(0) => return Some(self.host_ended(now, false)),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.pending.remove(PendingRx::Rw);
-                    return None;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return None,
-                // AF_UNIX: the peer closed with bytes of ours unread: a close.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Some(self.host_ended(now, true))
-                }
-                Err(_) => {
-                    self.kill(KillReason::HostError, Notify::Nothing);
-                    return Some(self.header(op::RST, 0, 0));
-                }
+                Err(e) => return self.read_failed(&e, now),
             }
         };
         Some(self.data_packet(n, 0))
+    }
+
+    /// What a failed read of the host stream (bytes or a message) means for the guest: nothing
+    /// more for now (`WouldBlock`, `EINTR`), the peer's close (AF_UNIX `ECONNRESET`: it closed
+    /// with bytes of ours unread), or a broken stream (an RST).
+    pub(super) fn read_failed(&mut self, e: &io::Error, now: Instant) -> Option<Header> {
+        match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                self.pending.remove(PendingRx::Rw);
+                None
+            }
+            io::ErrorKind::Interrupted => None,
+            io::ErrorKind::ConnectionReset => Some(self.host_ended(now, true)),
+            _ => {
+                self.kill(KillReason::HostError, Notify::Nothing);
+                Some(self.header(op::RST, 0, 0))
+            }
+        }
     }
 
     /// The header of an RW packet of `n` payload bytes, counted as sent.

@@ -339,18 +339,7 @@ impl<S: VsockStream> Connection<S> {
         };
         let m = match res {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.pending.remove(super::PendingRx::Rw);
-                return None;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return None,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                return Some(self.host_ended(now, true))
-            }
-            Err(_) => {
-                self.kill(KillReason::HostError, Notify::Nothing);
-                return Some(self.header(op::RST, 0, 0));
-            }
+            Err(e) => return self.read_failed(&e, now),
         };
         if m.len == 0 && !m.truncated && self.stream.peer_hanging_up() {
             return Some(self.host_ended(now, false));
