@@ -96,8 +96,10 @@ impl<W: Write> Write for LineBuffered<W> {
         Ok(buf.len())
     }
 
+    /// vm-superio flushes after every byte: a partial line stays held (only the end of the
+    /// line, the limit or the drop writes it), or the buffering would do nothing.
     fn flush(&mut self) -> io::Result<()> {
-        self.write_held()
+        self.out.flush()
     }
 }
 
@@ -131,6 +133,7 @@ mod tests {
         let mut w = LineBuffered::new(sink.clone());
         for b in b"VRTEST-DON" {
             w.write_all(&[*b]).unwrap();
+            w.flush().unwrap();
         }
         assert!(sink.0.lock().unwrap().is_empty(), "a partial line waits");
         w.write_all(b"E rc=0\nnext").unwrap();
