@@ -26,5 +26,7 @@ pub mod sim;
 pub mod stats;
 pub mod stream;
 pub mod sys;
+#[cfg(feature = "vhost-user")]
+pub mod vhost_user;
 pub mod vq;
 pub mod wire;

@@ -25,7 +25,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::guest_warn::GuestWarnings;
 use super::poller::{Poller, Ready, Token};
-use super::virtio::{Interrupt, InterruptKind};
+use super::virtio::Interrupt;
 use crate::csm::muxer::{ConnInfo, Muxer};
 use crate::seam::Backend;
 use crate::stats::Counters;
@@ -127,7 +127,8 @@ pub struct DeviceCore<B: Backend> {
 }
 
 impl<B: Backend> DeviceCore<B> {
-    /// A core over activated queues (`kicks[i]` signals queue `i`), ready to run.
+    /// A core over activated queues (`kicks[i]` signals queue `i`; with no kick fds, the loop
+    /// running the core hands kicks on by [`DeviceCore::kicked`]), ready to run.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         mem: GuestMemory,
@@ -179,6 +180,29 @@ impl<B: Backend> DeviceCore<B> {
     /// The fd to wait on (readable whenever [`DeviceCore::run_once`] has something to do).
     pub fn poll_fd(&self) -> RawFd {
         self.poller.as_raw_fd()
+    }
+
+    /// Hands on a kick of queue `q` that the transport read from its kick fd itself (a core
+    /// built without kick fds); the next [`DeviceCore::run_once`] serves it.
+    pub fn kicked(&mut self, q: usize) {
+        if q == TX {
+            self.tx_more = true;
+        }
+    }
+
+    /// Where each queue stands: `(next_avail, next_used)` in queue order, for a transport that
+    /// must report the ring positions when it stops the device (vhost-user's GET_VRING_BASE).
+    pub fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queues
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
+    }
+
+    /// Replaces the guest memory (the frontend's memory table changed while the device ran);
+    /// the queues keep their guest addresses.
+    pub fn set_memory(&mut self, mem: GuestMemory) {
+        self.mem = mem;
     }
 
     /// A snapshot of the live connections.
@@ -401,17 +425,18 @@ impl<B: Backend> DeviceCore<B> {
         false
     }
 
-    /// Raises one interrupt if either data queue has new used buffers the driver wants to hear of.
+    /// Raises one interrupt if either data queue has new used buffers the driver wants to hear of
+    /// (one per queue named, where the transport has a notifier per queue).
     fn notify(&mut self) {
-        let mut needed = false;
+        let mut queues = 0u32;
         for i in [RX, TX] {
             if let Ok(true) = self.queues[i].needs_notification(&self.mem) {
-                needed = true;
+                queues |= 1 << i;
             }
         }
-        if needed {
+        if queues != 0 {
             self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-            let _ = self.interrupt.trigger(InterruptKind::UsedRing);
+            let _ = self.interrupt.signal_used(queues);
         }
     }
 }

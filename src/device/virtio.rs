@@ -17,6 +17,8 @@
 //!    datamatch = queue index, or written by the transport itself) and an [`Interrupt`]
 //!    signaller, and calls [`VirtioDevice::activate`]. From then on the device runs on its own
 //!    and touches the transport only through the interrupt signaller.
+//!    A transport whose driver leaves the event queue unset (QEMU's vhost-user-vsock keeps the
+//!    event queue for itself) passes it not ready; the device then never writes events.
 //! 5. Reset: when the driver writes 0 to Status, the transport calls [`VirtioDevice::reset`] and
 //!    forgets its queue registers. A device that returns `true` can be activated again.
 
@@ -46,6 +48,15 @@ pub enum InterruptKind {
 pub trait Interrupt: Send + Sync {
     /// Raises an interrupt of the given kind.
     fn trigger(&self, kind: InterruptKind) -> io::Result<()>;
+
+    /// Tells the driver that the queues whose bits are set in `queues` (bit `i`: queue `i`) have
+    /// new used buffers. A transport with one interrupt line for all queues (virtio-mmio, the
+    /// default) raises one [`InterruptKind::UsedRing`]; one with a notifier per queue
+    /// (vhost-user's call fds, MSI-X vectors) signals each queue named.
+    fn signal_used(&self, queues: u32) -> io::Result<()> {
+        let _ = queues;
+        self.trigger(InterruptKind::UsedRing)
+    }
 }
 
 /// An [`Interrupt`] that writes an [`EventFd`]; with KVM the fd is registered as an irqfd.
@@ -67,6 +78,8 @@ pub struct ActivateContext {
     /// One configured queue per queue index, in order (for vsock: rx, tx, event).
     pub queues: Vec<Queue>,
     /// One kick fd per queue, in the same order, signalled when the driver notifies that queue.
+    /// Empty when the transport watches the kicks itself and hands them on by calling
+    /// [`crate::device::VsockDevice::kicked`] (vhost-user, whose library reads the kick fds).
     pub kicks: Vec<EventFd>,
     /// How the device raises interrupts.
     pub interrupt: Arc<dyn Interrupt>,

@@ -176,6 +176,19 @@ impl<B: Backend + 'static> VsockDevice<B> {
         }
     }
 
+    /// Runs `f` on the running core of a [`RunMode::External`] device (`None` when it is not
+    /// running or runs on its own thread). For a transport that drives the core itself.
+    pub fn with_core<R>(&self, f: impl FnOnce(&mut DeviceCore<B>) -> R) -> Option<R> {
+        match &self.running.as_ref()?.runner {
+            Runner::Shared(core) => core
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .map(f),
+            Runner::Thread(_) => None,
+        }
+    }
+
     fn stop(&mut self) {
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let Some(r) = self.running.take() else {
@@ -255,7 +268,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
         if self.acked & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(ActivateError::FeaturesNotNegotiated);
         }
-        if ctx.queues.len() != 3 || ctx.kicks.len() != 3 {
+        if ctx.queues.len() != 3 || !(ctx.kicks.len() == 3 || ctx.kicks.is_empty()) {
             return Err(ActivateError::QueueCount {
                 expected: 3,
                 queues: ctx.queues.len(),
@@ -265,7 +278,10 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
         let mut queues = ctx.queues;
         let event_idx = self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for (i, q) in queues.iter_mut().enumerate() {
-            if !q.is_valid(&ctx.mem) {
+            // The event queue may be left unset (a vhost-user frontend that keeps it); the
+            // device never touches an event queue that is not ready.
+            let optional = i == super::core::EVT && !q.ready();
+            if !optional && !q.is_valid(&ctx.mem) {
                 return Err(ActivateError::InvalidQueue(i));
             }
             q.set_event_idx(event_idx);

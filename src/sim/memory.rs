@@ -142,6 +142,37 @@ pub fn fresh() -> GuestMemory {
     GuestMemory::from_arc_regions(fresh_regions()).expect("regions of a guest memory")
 }
 
+/// A fresh memory in the simulated guest's layout whose regions are memfds, to share with a
+/// device in another thread or process (a vhost-user backend maps the same pages).
+pub fn shared() -> GuestMemory {
+    let regions = [(0, REGION_SPLIT), (REGION_SPLIT, MEM_SIZE - REGION_SPLIT)]
+        .iter()
+        .map(|&(at, len)| {
+            let file = memfd(len).expect("memfd of the guest memory");
+            let offset = vm_memory::FileOffset::new(file, 0);
+            Arc::new(
+                Region::from_range(GuestAddress(at), len as usize, Some(offset))
+                    .expect("guest memory"),
+            )
+        })
+        .collect();
+    GuestMemory::from_arc_regions(regions).expect("regions of a guest memory")
+}
+
+/// An anonymous, sealed-size-free memory file of `len` zero bytes.
+fn memfd(len: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"vsock-sim-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
 fn fresh_regions() -> Vec<Arc<Region>> {
     [(0, REGION_SPLIT), (REGION_SPLIT, MEM_SIZE - REGION_SPLIT)]
         .iter()

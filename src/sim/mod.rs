@@ -25,6 +25,8 @@ mod seqpacket;
 mod sink;
 mod socket;
 mod sockets;
+#[cfg(feature = "vhost-user")]
+pub mod vhost_user;
 
 pub use backend::{socket_pair, PairBackend, PairHost};
 pub use queue::{Buf, DriverQueue, RawDesc};
@@ -158,6 +160,18 @@ impl SimGuest {
     /// device on activation.
     pub fn new(cid: u64) -> (SimGuest, ActivateContext) {
         SimGuest::build(cid, memory::fresh(), None)
+    }
+
+    /// As [`SimGuest::new`], over memfd-backed memory that a device in another thread or
+    /// process can map (the guest of a vhost-user backend: see `sim::vhost_user`).
+    pub fn new_shared(cid: u64) -> (SimGuest, ActivateContext) {
+        SimGuest::build(cid, memory::shared(), None)
+    }
+
+    /// A second handle on the fd the guest waits on for interrupts (a vhost-user frontend
+    /// hands it to the backend as the call fd of the RX and TX rings).
+    pub fn interrupt_fd(&self) -> EventFd {
+        self.irq.try_clone().expect("dup of the interrupt eventfd")
     }
 
     /// As [`SimGuest::new`], over a guest memory of this thread's pool: one that no guest or

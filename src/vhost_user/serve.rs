@@ -1,0 +1,82 @@
+//! One VM's vhost-user socket: frontends one after another, each on a fresh library daemon.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::SharedVsock;
+use crate::seam::Backend;
+
+/// Why serving a vhost-user socket stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be bound.
+    #[error("cannot listen on the vhost-user socket {path}: {source}")]
+    Listen {
+        /// The socket's path.
+        path: String,
+        /// What binding said.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// The vhost-user library could not set up a daemon for the next frontend.
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+}
+
+/// Binds `socket` (replacing a stale file there) and serves frontends on it, one at a time,
+/// for as long as `keep_going` says so after each one (it is asked after a frontend leaves; a
+/// daemon serves until it is ended). A frontend that breaks the protocol or goes away ends its
+/// connection only: the device stops, and the next frontend finds it as new.
+pub fn serve<B: Backend + 'static>(
+    vsock: &SharedVsock<B>,
+    socket: &Path,
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<(), ServeError> {
+    let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    loop {
+        serve_one(vsock, &mut listener)?;
+        if !keep_going() {
+            return Ok(());
+        }
+    }
+}
+
+/// Accepts one frontend and serves it until it goes away.
+fn serve_one<B: Backend + 'static>(
+    vsock: &SharedVsock<B>,
+    listener: &mut Listener,
+) -> Result<(), ServeError> {
+    vsock
+        .lock()
+        .attach()
+        .map_err(|e| ServeError::Daemon(format!("exit event: {e}")))?;
+    let mut daemon = VhostUserDaemon::new(
+        "vsock-router".to_string(),
+        vsock.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    if let Some(h) = daemon.get_epoll_handlers().first() {
+        vsock.lock().set_handler(Arc::downgrade(h));
+    }
+    let served = daemon.start(listener).and_then(|()| daemon.wait());
+    vsock.lock().detach();
+    // Dropping the daemon ends its worker thread (the exit event) and joins it.
+    drop(daemon);
+    match served {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The frontend broke the protocol or the connection: that frontend is gone, the
+            // socket stays.
+            log::warn!("vhost-user: frontend connection ended: {e}");
+            Ok(())
+        }
+    }
+}
