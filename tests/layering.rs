@@ -23,8 +23,8 @@ const LAYERS: &[&[&str]] = &[
     &["csm", "backend"],
     // The virtio device around the core.
     &["device"],
-    // Option strings of the whole device.
-    &["config"],
+    // Option strings of the whole device; the device's vhost-user transport.
+    &["config", "vhost_user"],
     // The router: implements the seam over the backends, builds a device.
     &["router"],
 ];
