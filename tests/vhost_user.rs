@@ -6,7 +6,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -27,7 +26,6 @@ struct Daemon {
     vsock: SharedVsock<Router>,
     socket: PathBuf,
     hybrid: PathBuf,
-    done: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -40,13 +38,9 @@ impl Daemon {
         let router = Router::new(&cfg, Arc::new(Policy::new(cfg.g2h_fallback))).unwrap();
         let vsock = VhostUserVsock::new(DeviceConfig::new(cid), router);
         let socket = dir.join(format!("vm{cid}.vhost-user"));
-        let done = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (vsock, socket, done) = (vsock.clone(), socket.clone(), done.clone());
-            thread::spawn(move || {
-                vsock_router::vhost_user::serve(&vsock, &socket, || !done.load(Ordering::SeqCst))
-                    .unwrap()
-            })
+            let (vsock, socket) = (vsock.clone(), socket.clone());
+            thread::spawn(move || vsock_router::vhost_user::serve(&vsock, &socket).unwrap())
         };
         let until = Instant::now() + T;
         while !socket.exists() {
@@ -57,7 +51,6 @@ impl Daemon {
             vsock,
             socket,
             hybrid,
-            done,
             thread: Some(thread),
         }
     }
@@ -83,9 +76,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.done.store(true, Ordering::SeqCst);
-        // Wake the accept with a frontend that goes away at once.
-        let _ = UnixStream::connect(&self.socket);
+        self.vsock.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

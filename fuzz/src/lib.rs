@@ -7,7 +7,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use vsock_vmm::api::routes::{CONNECTIONS, PING, ROUTES, SHUTDOWN, VSOCK};
+use vsock_vmm::api::routes::{CONNECTIONS, METRICS, PING, ROUTES, SHUTDOWN, VSOCK};
+use vsock_vmm::api::vms::VMS;
 use vsock_vmm::api::{
     handle_request, Action, ApiContext, ConnectionInfo, VsockControl, VsockCounters, VsockInfo,
 };
@@ -57,13 +58,20 @@ impl VsockControl for Fixed {
     }
 }
 
-fn contexts() -> &'static [ApiContext; 2] {
-    static CTX: OnceLock<[ApiContext; 2]> = OnceLock::new();
+fn contexts() -> &'static [ApiContext; 3] {
+    static CTX: OnceLock<[ApiContext; 3]> = OnceLock::new();
     CTX.get_or_init(|| {
+        let vm: Arc<dyn vsock_vmm::api::VsockControl> = Arc::new(Fixed::default());
         [
             ApiContext::default(),
             ApiContext {
                 vsock: Some(Arc::new(Fixed::default())),
+                vms: None,
+            },
+            // A daemon of two VMs (vsock-routerd's routes).
+            ApiContext {
+                vsock: None,
+                vms: Some(Arc::new([(3, vm.clone()), (7, vm)].into_iter().collect())),
             },
         ]
     })
@@ -77,7 +85,7 @@ pub fn api(data: &[u8]) {
     let Some((&sel, raw)) = data.split_first() else {
         return;
     };
-    let ctx = &contexts()[usize::from(sel & 1)];
+    let ctx = &contexts()[usize::from(sel % 3)];
     let (resp, action) = handle_request(raw, ctx);
     assert!(
         DOCUMENTED.contains(&resp.status),
@@ -106,7 +114,13 @@ pub fn api(data: &[u8]) {
             .body
             .as_deref()
             .expect("non-204 response without a body");
-        let v: serde_json::Value = serde_json::from_str(body).expect("body is JSON");
+        let text = resp.content_type != "application/json";
+        // `/metrics` answers in the Prometheus text format; everything else in JSON.
+        let v: serde_json::Value = if text && resp.status == 200 && line.contains("/metrics") {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(body).expect("body is JSON")
+        };
         if resp.status >= 400 {
             assert!(
                 v.get("error").is_some_and(|e| e.is_string()),
@@ -123,7 +137,12 @@ pub fn api(data: &[u8]) {
     if resp.status == 200 {
         // Only the GET routes answer 200.
         assert!(line.starts_with("GET "), "200 for {line:?}");
-        assert!([PING, VSOCK, CONNECTIONS].iter().any(|p| line.contains(p)));
+        assert!(
+            [PING, VSOCK, CONNECTIONS, VMS, METRICS]
+                .iter()
+                .any(|p| line.contains(p)),
+            "200 for {line:?}"
+        );
     }
     let wire = resp.to_bytes();
     let expect = format!("HTTP/1.1 {} ", resp.status);

@@ -21,10 +21,12 @@ mod serve;
 
 use std::io;
 use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_user_backend::{VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -59,6 +61,10 @@ pub struct VhostUserVsock<B: Backend + 'static> {
     config: [u8; 8],
     queue_size: u16,
     state: Mutex<State<B>>,
+    /// Set by [`VhostUserVsock::shutdown`].
+    shut_down: AtomicBool,
+    /// The socket [`serve`] listens on (to wake its accept at shutdown).
+    socket: Mutex<Option<PathBuf>>,
 }
 
 /// What the protocol thread and the worker thread share, one at a time.
@@ -76,6 +82,8 @@ struct State<B: Backend + 'static> {
     handler: Option<Weak<Handler<B>>>,
     core_fd: Option<RawFd>,
     exit: Option<(EventConsumer, EventNotifier)>,
+    /// Ends the connection of the frontend being served.
+    frontend: Option<ShutdownHandle>,
 }
 
 impl<B: Backend + 'static> VhostUserVsock<B> {
@@ -99,8 +107,37 @@ impl<B: Backend + 'static> VhostUserVsock<B> {
                 handler: None,
                 core_fd: None,
                 exit: None,
+                frontend: None,
             }),
+            shut_down: AtomicBool::new(false),
+            socket: Mutex::new(None),
         })
+    }
+
+    /// Ends [`serve`]: the connected frontend's connection (its device stops, as when it goes
+    /// away) and the accept of the next one. `serve` then removes its socket and returns.
+    pub fn shutdown(&self) {
+        self.shut_down.store(true, Ordering::SeqCst);
+        if let Some(h) = self.lock().frontend.take() {
+            h.shutdown();
+        }
+        let socket = self
+            .socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(path) = socket {
+            // Wakes an accept with a frontend that leaves at once.
+            let _ = std::os::unix::net::UnixStream::connect(path);
+        }
+    }
+
+    fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::SeqCst)
+    }
+
+    fn set_socket(&self, path: &Path) {
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
     }
 
     /// A handle on the device for an API thread (counters, live connections).

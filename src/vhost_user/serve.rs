@@ -28,24 +28,22 @@ pub enum ServeError {
 }
 
 /// Binds `socket` (replacing a stale file there) and serves frontends on it, one at a time,
-/// for as long as `keep_going` says so after each one (it is asked after a frontend leaves; a
-/// daemon serves until it is ended). A frontend that breaks the protocol or goes away ends its
-/// connection only: the device stops, and the next frontend finds it as new.
+/// until [`VhostUserVsock::shutdown`](super::VhostUserVsock::shutdown); the socket is removed
+/// then. A frontend that breaks the protocol or goes away ends its connection only: the device
+/// stops, and the next frontend finds it as new.
 pub fn serve<B: Backend + 'static>(
     vsock: &SharedVsock<B>,
     socket: &Path,
-    mut keep_going: impl FnMut() -> bool,
 ) -> Result<(), ServeError> {
     let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
         path: socket.display().to_string(),
         source,
     })?;
-    loop {
+    vsock.set_socket(socket);
+    while !vsock.is_shut_down() {
         serve_one(vsock, &mut listener)?;
-        if !keep_going() {
-            return Ok(());
-        }
     }
+    Ok(())
 }
 
 /// Accepts one frontend and serves it until it goes away.
@@ -66,7 +64,15 @@ fn serve_one<B: Backend + 'static>(
     if let Some(h) = daemon.get_epoll_handlers().first() {
         vsock.lock().set_handler(Arc::downgrade(h));
     }
-    let served = daemon.start(listener).and_then(|()| daemon.wait());
+    let served = daemon.start(listener).and_then(|()| {
+        if vsock.is_shut_down() {
+            daemon.request_shutdown();
+        } else if let Some(h) = daemon.shutdown_handle() {
+            vsock.lock().frontend = Some(h);
+        }
+        daemon.wait()
+    });
+    vsock.lock().frontend = None;
     vsock.lock().detach();
     // Dropping the daemon ends its worker thread (the exit event) and joins it.
     drop(daemon);

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod cli;
 pub mod devices;
+pub mod exit;
 pub mod logger;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

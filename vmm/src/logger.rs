@@ -24,6 +24,8 @@ pub enum LogFormat {
 struct StderrLogger;
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+/// The program name text lines start with (`vsock-vmm` unless [`init_as`] named another).
+static PROGRAM: OnceLock<&'static str> = OnceLock::new();
 
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
@@ -48,6 +50,13 @@ static LOGGER: StderrLogger = StderrLogger;
 
 /// Installs the logger at `level` in `format` (once; later calls only change the level).
 pub fn init(level: log::LevelFilter, format: LogFormat) {
+    init_as("vsock-vmm", level, format);
+}
+
+/// As [`init`], for another program of the workspace (`vsock-routerd`): its text lines start
+/// with `program`.
+pub fn init_as(program: &'static str, level: log::LevelFilter, format: LogFormat) {
+    let _ = PROGRAM.set(program);
     let _ = FORMAT.set(format);
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
@@ -57,7 +66,8 @@ pub fn init(level: log::LevelFilter, format: LogFormat) {
 pub fn format_record(format: LogFormat, record: &log::Record<'_>, at: SystemTime) -> String {
     match format {
         LogFormat::Text => format!(
-            "vsock-vmm: {} {}: {}",
+            "{}: {} {}: {}",
+            PROGRAM.get().copied().unwrap_or("vsock-vmm"),
             record.level(),
             record.target(),
             record.args()

@@ -9,7 +9,7 @@ use vsock_router::backend::namespace::NsMode;
 use vsock_router::backend::uplink::UplinkSpec;
 use vsock_router::config::VsockConfig;
 use vsock_router::device::virtio::VirtioDevice;
-use vsock_router::device::{DeviceConfig, VsockDevice};
+use vsock_router::device::{DeviceConfig, DeviceHandle, VsockDevice};
 use vsock_router::router::connector::{Router, RouterStats};
 use vsock_router::router::{Policy, VsockHandle};
 use vsock_router::stats::{RstReason, RstState};
@@ -41,29 +41,73 @@ pub enum VsockSetupError {
 /// listeners (all before KVM is touched), and returns the device with the API's handle on it.
 /// The sockets are removed when the device is dropped.
 pub fn build_vsock(raw: &str) -> Result<VsockParts, VsockSetupError> {
-    let cfg: VsockConfig = raw.parse()?;
-    raise_fd_limit_for(&cfg);
-    let policy = Arc::new(Policy::new(cfg.g2h_fallback));
-    let router =
-        Router::new(&cfg, policy.clone()).map_err(|e| VsockSetupError::Setup(e.to_string()))?;
-    let mut dev_cfg = DeviceConfig::new(cfg.cid);
-    dev_cfg.max_connections = cfg.max_connections;
-    dev_cfg.csm.buf_alloc = cfg.buffer_size;
-    dev_cfg.csm.request_timeout = cfg.request_timeout;
-    dev_cfg.csm.connect_timeout = cfg.connect_timeout;
-    let stats = router.stats();
-    let ns_mode = router.ns_mode();
-    let device = VsockDevice::new(dev_cfg, router);
-    let handle = VsockHandle::new(policy, device.handle());
+    let parts = RouterParts::new(raw.parse()?)?;
+    let device = VsockDevice::new(parts.device, parts.router);
+    let control = parts.control.into_control(device.handle());
     Ok(VsockParts {
         device: Box::new(device),
-        control: Arc::new(LibraryControl {
-            cfg,
-            handle,
-            stats,
-            ns_mode,
-        }),
+        control,
     })
+}
+
+/// A router built from a `--vsock` configuration, with the device settings that go with it:
+/// what any transport of the device (virtio-mmio here, vhost-user in `vsock-routerd`) needs.
+pub struct RouterParts {
+    /// The router: the device's backend.
+    pub router: Router,
+    /// The device settings from the configuration (CID, limits, buffer, timeouts).
+    pub device: DeviceConfig,
+    /// What the API needs once the device exists ([`ControlParts::into_control`]).
+    pub control: ControlParts,
+}
+
+/// The configuration, fallback policy and router counters, waiting for the device's handle to
+/// become the API's [`VsockControl`].
+pub struct ControlParts {
+    cfg: VsockConfig,
+    policy: Arc<Policy>,
+    stats: RouterStats,
+    ns_mode: NsMode,
+}
+
+impl ControlParts {
+    /// The API's handle on the device `handle` belongs to.
+    pub fn into_control(self, handle: DeviceHandle) -> Arc<dyn VsockControl> {
+        Arc::new(LibraryControl {
+            handle: VsockHandle::new(self.policy, handle),
+            cfg: self.cfg,
+            stats: self.stats,
+            ns_mode: self.ns_mode,
+        })
+    }
+}
+
+impl RouterParts {
+    /// Binds the hybrid socket, claims the CID in the registry and opens the uplink listeners
+    /// of `cfg`, and raises the descriptor limit for its connections.
+    pub fn new(cfg: VsockConfig) -> Result<Self, VsockSetupError> {
+        raise_fd_limit_for(&cfg);
+        let policy = Arc::new(Policy::new(cfg.g2h_fallback));
+        let router =
+            Router::new(&cfg, policy.clone()).map_err(|e| VsockSetupError::Setup(e.to_string()))?;
+        let mut device = DeviceConfig::new(cfg.cid);
+        device.max_connections = cfg.max_connections;
+        device.csm.buf_alloc = cfg.buffer_size;
+        device.csm.request_timeout = cfg.request_timeout;
+        device.csm.connect_timeout = cfg.connect_timeout;
+        let stats = router.stats();
+        let ns_mode = router.ns_mode();
+        Ok(RouterParts {
+            router,
+            device,
+            control: ControlParts {
+                cfg,
+                policy,
+                stats,
+                ns_mode,
+            },
+        })
+    }
 }
 
 /// Descriptors the VMM needs besides the device's: its own files, the KVM fds, the API's

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod routes;
 pub mod server;
+pub mod vms;
 
 pub use control::{ConnectionInfo, VsockControl, VsockCounters, VsockInfo};
 pub use routes::{handle_request, route, Action, ApiContext};

@@ -32,6 +32,9 @@ pub const ROUTES: &[(&str, &[&str])] = &[
 pub struct ApiContext {
     /// The vsock device, when the VM has one.
     pub vsock: Option<Arc<dyn VsockControl>>,
+    /// The VMs of a daemon that serves several (`vsock-routerd`), by CID: their routes are
+    /// under `/api/v1/vms` ([`super::vms`]). `None` for a VMM of one VM.
+    pub vms: Option<super::vms::Vms>,
 }
 
 /// What the server must do after sending the response.
@@ -67,6 +70,11 @@ pub fn error_response(e: &HttpError) -> Response {
 
 /// Routes a parsed request.
 pub fn route(req: &Request, ctx: &ApiContext) -> (Response, Action) {
+    if let Some(vms) = &ctx.vms {
+        if let Some(answer) = super::vms::route(req, vms) {
+            return answer;
+        }
+    }
     let Some(&(path, methods)) = ROUTES.iter().find(|(p, _)| *p == req.path) else {
         return (
             Response::error(404, format!("no route {}", req.path)),
@@ -189,6 +197,7 @@ mod tests {
         (
             ApiContext {
                 vsock: Some(fixed.clone()),
+                vms: None,
             },
             fixed,
         )
