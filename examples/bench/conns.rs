@@ -121,7 +121,7 @@ pub fn run(kind: Kind, conns: usize, to_guest: bool, bytes: u64) -> Result<Sampl
             );
         }
     }
-    let cpu = CpuProbe::start(rig.dev_tid);
+    let cpu = CpuProbe::start(rig.device);
     let start = Instant::now();
     let deadline = start + RUN_LIMIT;
     let host = thread::spawn(move || host_side(streams, quota, to_guest, deadline));

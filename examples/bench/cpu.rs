@@ -1,4 +1,5 @@
-//! CPU time of the device thread, the guest (main) thread and the whole process.
+//! CPU time of the device thread (or of a vhost-user daemon's whole process), the guest (main)
+//! thread and the whole process.
 //!
 //! A thread's time is the first field of `/proc/self/task/<tid>/schedstat` (nanoseconds on a
 //! CPU, the same accounting as utime + stime of `/proc/self/task/<tid>/stat`, which is the
@@ -69,19 +70,44 @@ pub struct Cpu {
     pub process: f64,
 }
 
+/// Where the device runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Device {
+    /// A thread of this process.
+    Thread(u32),
+    /// A process of its own (a vhost-user daemon): all its threads.
+    Process(u32),
+}
+
 /// Where the CPU time of one run is read.
 pub struct CpuProbe {
-    dev: u32,
+    dev: Device,
     guest: u32,
     start: Cpu,
 }
 
+/// CPU seconds of every thread of process `pid` (the threads alive now).
+fn other_process_secs(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return f64::NAN;
+    };
+    let mut sum = 0.0;
+    for t in tasks.flatten() {
+        let sched = fs::read_to_string(t.path().join("schedstat")).ok();
+        match sched.and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()) {
+            Some(ns) => sum += ns as f64 * 1e-9,
+            None => return f64::NAN,
+        }
+    }
+    sum
+}
+
 impl CpuProbe {
-    /// Starts counting for the device thread `dev_tid`; the guest runs on the calling thread,
-    /// which must be the main thread (its tid is the process id).
-    pub fn start(dev_tid: u32) -> CpuProbe {
+    /// Starts counting for the device; the guest runs on the calling thread, which must be the
+    /// main thread (its tid is the process id).
+    pub fn start(dev: Device) -> CpuProbe {
         let mut p = CpuProbe {
-            dev: dev_tid,
+            dev,
             guest: std::process::id(),
             start: Cpu::default(),
         };
@@ -91,7 +117,10 @@ impl CpuProbe {
 
     fn now(&self) -> Cpu {
         Cpu {
-            dev: thread_secs(self.dev),
+            dev: match self.dev {
+                Device::Thread(tid) => thread_secs(tid),
+                Device::Process(pid) => other_process_secs(pid),
+            },
             guest: thread_secs(self.guest),
             process: process_secs(),
         }

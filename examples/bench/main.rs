@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bulk::Dir;
-use rig::Kind;
+use rig::{Daemon, Kind};
 use vsock_router::sim::TxLayout;
 
 /// Bound of each run; a run that takes longer fails.
@@ -116,10 +116,12 @@ struct Opts {
     quick: bool,
     legacy: bool,
     pin: Option<(usize, usize)>,
+    /// `--vhost-user OURS,THEIRS`: the two daemons' binaries.
+    vhost_user: Option<[std::path::PathBuf; 2]>,
 }
 
 const USAGE: &str = "usage: bench [--mib N] [--repeat R] [--rr N] [--only PAT[,PAT...]] [--quick] \
-[--tsv] [--list] [--legacy-driver] [--pin D,R]
+[--tsv] [--list] [--legacy-driver] [--pin D,R] [--vhost-user OURS,THEIRS]
   --mib N     MiB per bulk run and per many-connection run (default 512; --quick: 32)
   --repeat R  runs per workload, min/median/max shown (default 3)
   --rr N      round trips per run (default 20000; --quick: 2000)
@@ -130,7 +132,11 @@ const USAGE: &str = "usage: bench [--mib N] [--repeat R] [--rr N] [--only PAT[,P
   --legacy-driver  the simulated driver as the tests run it, to see what it costs: a kick after
               every TX packet and RX refill, bulk RX queued and received byte by byte, the TX
               source at page offset 16 (aliasing the guest's copy modulo 4 KiB)
-  --pin D,R   pins each device thread to CPU D and the guest and host threads to CPU R";
+  --pin D,R   pins each device thread to CPU D and the guest and host threads to CPU R
+  --vhost-user OURS,THEIRS  instead: the vhost-user daemons vsock-routerd (OURS) and
+              vhost-device-vsock (THEIRS), each in a process of its own, driven by the same
+              simulated guest through a vhost-user frontend, runs interleaved, with the ratio of
+              medians (OURS / THEIRS); dev = the daemon's whole process";
 
 fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
@@ -143,6 +149,7 @@ fn parse_args() -> Result<Opts, String> {
         quick: false,
         legacy: false,
         pin: None,
+        vhost_user: None,
     };
     let mut args = std::env::args().skip(1);
     let num = |a: &str, v: Option<String>, max: u64| -> Result<u64, String> {
@@ -172,6 +179,15 @@ fn parse_args() -> Result<Opts, String> {
                 match cpus[..] {
                     [d, r] if d < 1024 && r < 1024 => o.pin = Some((d, r)),
                     _ => return Err(format!("--pin: {v:?} is not two CPU numbers D,R")),
+                }
+            }
+            "--vhost-user" => {
+                let v = args.next().ok_or("--vhost-user needs OURS,THEIRS")?;
+                match v.split_once(',') {
+                    Some((a, b)) if !a.is_empty() && !b.is_empty() => {
+                        o.vhost_user = Some([a.into(), b.into()])
+                    }
+                    _ => return Err(format!("--vhost-user: {v:?} is not OURS,THEIRS")),
                 }
             }
             "-h" | "--help" => return Err(USAGE.into()),
@@ -229,6 +245,93 @@ fn workloads() -> Vec<(String, Work)> {
         }
     }
     w
+}
+
+/// The vhost-user comparison: the same workloads for both daemons, in pairs (ours, theirs).
+/// The connection buffer is vhost-device-vsock's default, 64 KiB, for both.
+fn vhost_user_workloads() -> Vec<(String, Work, Work)> {
+    let (ours, theirs) = (Kind::Vu(Daemon::Ours), Kind::Vu(Daemon::Vdv));
+    let mut w = Vec::new();
+    let ba = 64 * 1024;
+    let layouts = [
+        ("linear", TxLayout::Linear),
+        ("hdr+data", TxLayout::HeaderThenData),
+        ("frags", TxLayout::Fragments(vec![1000, 3000])),
+    ];
+    for (l, layout) in &layouts {
+        let d = Dir::GuestToHost(layout.clone());
+        w.push((
+            format!("vu/bulk/g2h-{l}/64k"),
+            Work::Bulk(ours, d.clone(), ba),
+            Work::Bulk(theirs, d, ba),
+        ));
+    }
+    let d = Dir::HostToGuest(false);
+    w.push((
+        "vu/bulk/h2g/64k".into(),
+        Work::Bulk(ours, d.clone(), ba),
+        Work::Bulk(theirs, d, ba),
+    ));
+    w.push(("vu/rr".into(), Work::Rr(ours), Work::Rr(theirs)));
+    for (to_guest, d) in [(false, "g2h"), (true, "h2g")] {
+        w.push((
+            format!("vu/conns/100/{d}"),
+            Work::Conns(ours, 100, to_guest),
+            Work::Conns(theirs, 100, to_guest),
+        ));
+    }
+    w
+}
+
+/// Runs each pair of [`vhost_user_workloads`] `repeat` times, ours and theirs in turn, and
+/// prints both and the ratio of medians.
+fn run_vhost_user(o: &Opts) -> bool {
+    let chosen: Vec<_> = vhost_user_workloads()
+        .into_iter()
+        .filter(|(n, _, _)| o.only.is_empty() || o.only.iter().any(|p| n.contains(p.as_str())))
+        .collect();
+    let mut ok = !chosen.is_empty();
+    for (name, ours, theirs) in chosen {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..o.repeat {
+            match run_once(&ours, o).and_then(|x| Ok((x, run_once(&theirs, o)?))) {
+                Ok((x, y)) => {
+                    a.push(x);
+                    b.push(y);
+                }
+                Err(e) => {
+                    println!("{}{name}: FAILED: {e}", if o.tsv { "# " } else { "" });
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if a.len() < o.repeat {
+            continue;
+        }
+        report(&format!("{name}/routerd"), &ours, &a, o.tsv);
+        report(&format!("{name}/vdv"), &theirs, &b, o.tsv);
+        let rate = |s: &Sample| s.amount / s.wall.as_secs_f64();
+        let dev = |s: &Sample| s.cpu.dev / s.amount;
+        let ratio = |f: &dyn Fn(&Sample) -> f64| {
+            let mut x: Vec<f64> = a.iter().map(f).collect();
+            let mut y: Vec<f64> = b.iter().map(f).collect();
+            median(&mut x) / median(&mut y)
+        };
+        let (r, c) = (ratio(&rate), ratio(&dev));
+        if o.tsv {
+            println!("{name}/ratio\tx\t{r:.3}\t{c:.3}\t-");
+        } else {
+            println!(
+                "{:<28} ratio routerd/vdv: {} the rate at {} the daemon CPU per {}",
+                format!("{name}/ratio"),
+                fmt_num(r),
+                fmt_num(c),
+                if ours.per_op() { "round trip" } else { "byte" }
+            );
+        }
+    }
+    ok
 }
 
 fn run_once(work: &Work, o: &Opts) -> Result<Sample, String> {
@@ -323,6 +426,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(bins) = o.vhost_user.clone() {
+        for b in &bins {
+            if !b.exists() {
+                eprintln!("--vhost-user: {} does not exist", b.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        let _ = rig::DAEMONS.set(bins);
+    }
     let all = workloads();
     let chosen: Vec<&(String, Work)> = all
         .iter()
@@ -332,9 +444,12 @@ fn main() -> ExitCode {
         for (n, _) in &all {
             println!("{n}");
         }
+        for (n, _, _) in vhost_user_workloads() {
+            println!("{n}  (--vhost-user)");
+        }
         return ExitCode::SUCCESS;
     }
-    if chosen.is_empty() {
+    if chosen.is_empty() && o.vhost_user.is_none() {
         eprintln!("no workload matches {:?} (see --list)", o.only);
         return ExitCode::FAILURE;
     }
@@ -376,6 +491,13 @@ fn main() -> ExitCode {
             "{:<28} {:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {:<5}  median run",
             "workload", "unit", "min", "median", "max", "dev", "guest", "proc", "cpu"
         );
+    }
+    if o.vhost_user.is_some() {
+        return if run_vhost_user(&o) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let mut failed = false;
     for (name, work) in chosen {

@@ -7,15 +7,17 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use vsock_router::config::VsockConfig;
 use vsock_router::device::DeviceConfig;
 use vsock_router::router::connector::Router;
 use vsock_router::router::Policy;
-use vsock_router::sim::{PairBackend, PairHost, SimGuest};
+use vsock_router::sim::vhost_user::FrontendLink;
+use vsock_router::sim::{PairBackend, PairHost, SimGuest, LINUX_FEATURES};
 use vsock_router::stats::Counters;
 
 use crate::cpu;
@@ -27,14 +29,44 @@ pub enum Kind {
     Pair,
     /// The router (`uplink=none`) and its hybrid Unix host backend.
     Unix,
+    /// A vhost-user-vsock daemon in a process of its own, driven through a vhost-user frontend
+    /// over memfd guest memory, with its hybrid Unix socket (`uds-path`).
+    Vu(Daemon),
 }
+
+/// The vhost-user daemons the benchmark compares (`--vhost-user OURS,THEIRS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Daemon {
+    /// `vsock-routerd`.
+    Ours,
+    /// rust-vmm's vhost-device-vsock.
+    Vdv,
+}
+
+/// The daemons' binaries, set once by `--vhost-user`.
+pub static DAEMONS: OnceLock<[PathBuf; 2]> = OnceLock::new();
 
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Pair => "pair",
             Kind::Unix => "unix",
+            Kind::Vu(Daemon::Ours) => "vu-routerd",
+            Kind::Vu(Daemon::Vdv) => "vu-vdv",
         }
+    }
+}
+
+/// A daemon process with its guest's frontend connection; ended (SIGKILL) when dropped.
+struct External {
+    child: Child,
+    _link: FrontendLink,
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -51,7 +83,11 @@ enum Host {
 pub struct Rig {
     pub g: SimGuest,
     pub counters: Arc<Counters>,
-    pub dev_tid: u32,
+    /// Where the device's CPU time is read.
+    pub device: cpu::Device,
+    /// Whether the device is a daemon of its own, whose counters this process cannot read
+    /// (`counters` stay zero).
+    pub external: bool,
     // Dropped before the host side: the device thread is joined before the sockets go.
     _dev: Box<dyn Any>,
     host: Host,
@@ -67,6 +103,9 @@ impl Rig {
         let cid = NEXT_CID.fetch_add(1, Ordering::Relaxed);
         let mut cfg = DeviceConfig::new(cid);
         cfg.csm.buf_alloc = buf_alloc;
+        if let Kind::Vu(daemon) = kind {
+            return Rig::vhost_user(daemon, cid, buf_alloc);
+        }
         let (mut g, counters, dev, host): (SimGuest, _, Box<dyn Any>, _) = match kind {
             Kind::Pair => {
                 let (backend, host) = PairBackend::new();
@@ -93,6 +132,7 @@ impl Rig {
                 };
                 (g, dev.counters(), Box::new(dev), host)
             }
+            Kind::Vu(_) => unreachable!("served above"),
         };
         g.buf_alloc = buf_alloc;
         g.event_idx_kicks = !crate::legacy();
@@ -105,9 +145,77 @@ impl Rig {
         Ok(Rig {
             g,
             counters,
-            dev_tid,
+            device: cpu::Device::Thread(dev_tid),
+            external: false,
             _dev: dev,
             host,
+        })
+    }
+
+    /// A guest of a fresh daemon process: the same command line for both daemons
+    /// (vhost-device-vsock's `--vm` spelling, which `vsock-routerd` takes as well), the
+    /// connection buffer `buf_alloc` on both sides, two rings (as QEMU sets up).
+    fn vhost_user(daemon: Daemon, cid: u64, buf_alloc: u32) -> Result<Rig, String> {
+        let bins = DAEMONS.get().ok_or("--vhost-user was not given")?;
+        let bin = &bins[daemon as usize];
+        let dir = tempfile::Builder::new()
+            .prefix("vr-bench-vu-")
+            .tempdir()
+            .map_err(|e| format!("tempdir: {e}"))?;
+        let socket = dir.path().join("vm.sock");
+        let vhost = dir.path().join("vhost.sock");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
+        let mut child = Command::new(bin)
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={cid},socket={},uds-path={},tx-buffer-size={buf_alloc}",
+                vhost.display(),
+                socket.display()
+            ))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let until = Instant::now() + Duration::from_secs(10);
+        while !vhost.exists() {
+            if Instant::now() > until || child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+                return Err(format!("{} did not start:\n{log}", bin.display()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (mut g, ctx) = SimGuest::new_shared(cid);
+        let link = match FrontendLink::connect(&vhost, &g, &ctx, 2, LINUX_FEATURES) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("vhost-user set-up: {e}"));
+            }
+        };
+        g.buf_alloc = buf_alloc;
+        g.event_idx_kicks = !crate::legacy();
+        let pid = child.id();
+        if let Some((dev_cpu, rest_cpu)) = crate::pinned() {
+            for t in std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())? {
+                let tid = t.map_err(|e| e.to_string())?.file_name().to_string_lossy().parse();
+                cpu::pin(tid.map_err(|_| "a task id")?, dev_cpu)?;
+            }
+            cpu::pin(0, rest_cpu)?;
+        }
+        Ok(Rig {
+            g,
+            counters: Arc::new(Counters::default()),
+            device: cpu::Device::Process(pid),
+            external: true,
+            _dev: Box::new(External { child, _link: link }),
+            host: Host::Unix {
+                socket,
+                listeners: HashMap::new(),
+                _dir: dir,
+            },
         })
     }
 

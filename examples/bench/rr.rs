@@ -28,7 +28,7 @@ pub fn run(kind: Kind, count: u64) -> Result<Sample, String> {
         }
         Ok(())
     });
-    let cpu = CpuProbe::start(rig.dev_tid);
+    let cpu = CpuProbe::start(rig.device);
     let start = Instant::now();
     let deadline = start + RUN_LIMIT;
     let mut req = [0x5au8; MSG];

@@ -27,7 +27,7 @@ pub struct FrontendLink {
 
 impl FrontendLink {
     /// Connects to the backend at `socket` and sets it up for `guest` as a VMM does for a
-    /// guest whose driver acked `features`: owner, features, protocol features (MQ, CONFIG),
+    /// guest whose driver acked `features` (those the backend offers): owner, features, protocol features (MQ, CONFIG),
     /// the memory table, then the first `rings` rings of `ctx` (the context
     /// [`SimGuest::new_shared`] returned), each started and enabled.
     pub fn connect(
@@ -41,7 +41,8 @@ impl FrontendLink {
         frontend.set_owner()?;
         let offered = frontend.get_features()?;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        frontend.set_features(features | (offered & protocol))?;
+        // As a VMM: what the driver acked and the backend offers.
+        frontend.set_features((features & offered) | (offered & protocol))?;
         if offered & protocol != 0 {
             let pf = frontend.get_protocol_features()?;
             frontend.set_protocol_features(
