@@ -323,7 +323,7 @@ fn run_vhost_user(o: &Opts) -> bool {
             println!("{name}/ratio\tx\t{r:.3}\t{c:.3}\t-");
         } else {
             println!(
-                "{:<28} ratio routerd/vdv: {} the rate at {} the daemon CPU per {}",
+                "{:<34} ratio routerd/vdv: {} the rate at {} the daemon CPU per {}",
                 format!("{name}/ratio"),
                 fmt_num(r),
                 fmt_num(c),
@@ -395,7 +395,7 @@ fn report(name: &str, work: &Work, runs: &[Sample], tsv: bool) {
         .collect();
     let cpu_unit = if per_op { "us/rt" } else { "s/GiB" };
     println!(
-        "{name:<28} {unit:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {cpu_unit:<5}  {}",
+        "{name:<34} {unit:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {cpu_unit:<5}  {}",
         fmt_num(lo),
         fmt_num(med),
         fmt_num(hi),
@@ -488,7 +488,7 @@ fn main() -> ExitCode {
     } else {
         println!("{head}");
         println!(
-            "{:<28} {:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {:<5}  median run",
+            "{:<34} {:>5} {:>9} {:>9} {:>9}  {:>7} {:>7} {:>7} {:<5}  median run",
             "workload", "unit", "min", "median", "max", "dev", "guest", "proc", "cpu"
         );
     }
