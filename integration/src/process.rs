@@ -215,3 +215,176 @@ pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// `vsock-routerd` (routerd/), the vsock device as a vhost-user-vsock backend daemon, built in
+/// release mode the way the harness builds `vsock-vmm` for the KVM host
+/// ([`crate::build_workspace_binary`]: its own target directory, once per process, so the
+/// `cargo test` that runs this never waits for its own lock). The same binary runs on the
+/// machine ([`start_routerd`]) and, shipped with [`crate::GuestRun::binary`], in a KVM host.
+pub fn routerd_binary() -> Result<PathBuf, HarnessError> {
+    crate::build_workspace_binary("vsock-routerd", "vsock-routerd")
+}
+
+/// One VM of a [`start_routerd`] daemon.
+#[derive(Clone, Debug)]
+pub struct RouterdVm<'a> {
+    /// The guest's CID.
+    pub cid: u32,
+    /// The vhost-user socket the daemon listens on for this VM's QEMU
+    /// (`-chardev socket,id=X,path=...` + `-device vhost-user-vsock-device,chardev=X`, with
+    /// [`crate::GuestRun::memfd`]).
+    pub vhost_socket: &'a Path,
+    /// The VM's hybrid socket (`socket=`): host clients `CONNECT <port>\n` here, the guest's
+    /// connects to CID 2 port P reach `<hybrid>_P`.
+    pub hybrid: &'a Path,
+    /// More `--vsock` keys, comma-separated (e.g. `fallback=0,uplink=unix:/tmp/x`), or empty.
+    /// The uplink must be `none` (the default added here) or a `unix:DIR` stand-in: a daemon on
+    /// the machine never opens AF_VSOCK.
+    pub keys: &'a str,
+}
+
+/// The handshake budgets of emulated runs (`$VR_VSOCK_TIMEOUTS` in the guests' `vrtest.sh`):
+/// a TCG guest on a loaded 2-core machine answers far slower than the device's 2 s defaults.
+pub const EMULATED_TIMEOUTS: &str =
+    "request_timeout_ms=30000,connect_timeout_ms=30000,handshake_timeout_ms=30000";
+
+/// The `--vsock` value of `vm` for a daemon on the machine: `uplink=none` unless a `unix:`
+/// stand-in is given, any other uplink refused.
+fn routerd_vsock_arg(vm: &RouterdVm<'_>) -> Result<String, HarnessError> {
+    let mut keys: Vec<&str> = vm.keys.split(',').filter(|k| !k.is_empty()).collect();
+    match keys.iter().find_map(|k| k.strip_prefix("uplink=")) {
+        None => keys.push("uplink=none"),
+        Some(u) if u == "none" || u.starts_with("unix:") => {}
+        Some(u) => {
+            return Err(HarnessError::Setup(format!(
+            "start_routerd: uplink={u} would open AF_VSOCK on this machine; use none or unix:DIR"
+        )))
+        }
+    }
+    if !keys.iter().any(|k| k.starts_with("request_timeout_ms=")) {
+        keys.push(EMULATED_TIMEOUTS);
+    }
+    Ok(format!(
+        "cid={},socket={},vhost-user={},{}",
+        vm.cid,
+        vm.hybrid.display(),
+        vm.vhost_socket.display(),
+        keys.join(",")
+    ))
+}
+
+/// Starts `vsock-routerd` on the machine serving `vms` (siblings of one another), with
+/// `--log-level info`, the REST API on `api_socket` if given, `VSOCK_ROUTER_FORBID_AF_VSOCK=1`
+/// (whatever the caller's environment says) and every VM's uplink `none` or a `unix:` stand-in
+/// (see [`RouterdVm::keys`]); [`EMULATED_TIMEOUTS`] unless the keys set their own. Waits (at
+/// most 10 s each) for the vhost-user sockets and the API socket. Log: `log`. The daemon is
+/// killed by PID when the guard drops.
+pub fn start_routerd(
+    vms: &[RouterdVm<'_>],
+    api_socket: Option<&Path>,
+    log: &Path,
+) -> Result<ProcessGuard, HarnessError> {
+    if vms.is_empty() {
+        return Err(HarnessError::Setup("start_routerd: no VMs".into()));
+    }
+    let bin = routerd_binary()?;
+    let mut cmd = Command::new(&bin);
+    cmd.env("VSOCK_ROUTER_FORBID_AF_VSOCK", "1");
+    for vm in vms {
+        cmd.arg("--vsock").arg(routerd_vsock_arg(vm)?);
+    }
+    if let Some(api) = api_socket {
+        cmd.arg("--api-socket").arg(api);
+    }
+    cmd.args(["--log-level", "info"]);
+    let mut guard = ProcessGuard::spawn("vsock-routerd", &mut cmd, log)?;
+    let waits = vms.iter().map(|vm| vm.vhost_socket).chain(api_socket);
+    for path in waits {
+        if !wait_for_path(path, Duration::from_secs(10)) || !guard.is_running() {
+            return Err(HarnessError::Setup(format!(
+                "vsock-routerd did not create {}:\n{}",
+                path.display(),
+                guard.log()
+            )));
+        }
+    }
+    Ok(guard)
+}
+
+/// One HTTP/1.1 request to a REST API on the Unix socket `socket` (`vsock-routerd`'s or
+/// `vsock-vmm`'s): `Connection: close`, an optional JSON body, 10 s read and write timeouts.
+/// Returns the status code and the body.
+pub fn api_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let body = body.unwrap_or("");
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(10))))
+        .map_err(|e| e.to_string())?;
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        raw.push_str("Content-Type: application/json\r\n");
+    }
+    raw.push_str("\r\n");
+    raw.push_str(body);
+    s.write_all(raw.as_bytes())
+        .map_err(|e| format!("{method} {path}: write: {e}"))?;
+    let mut resp = Vec::new();
+    s.take(4 << 20)
+        .read_to_end(&mut resp)
+        .map_err(|e| format!("{method} {path}: read: {e}"))?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{method} {path}: no HTTP header end in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{method} {path}: no status in {head:?}"))?;
+    Ok((status, rest.to_string()))
+}
+
+#[cfg(test)]
+mod routerd_tests {
+    use super::*;
+
+    #[test]
+    fn routerd_uplink_is_none_or_a_stand_in() {
+        let (v, h) = (Path::new("/d/v.vhost"), Path::new("/d/v.vsock"));
+        let vm = |keys| RouterdVm {
+            cid: 3,
+            vhost_socket: v,
+            hybrid: h,
+            keys,
+        };
+        assert_eq!(
+            routerd_vsock_arg(&vm("")).unwrap(),
+            format!(
+                "cid=3,socket=/d/v.vsock,vhost-user=/d/v.vhost,uplink=none,{EMULATED_TIMEOUTS}"
+            )
+        );
+        assert!(routerd_vsock_arg(&vm("fallback=1,uplink=unix:/d/up"))
+            .unwrap()
+            .contains(",fallback=1,uplink=unix:/d/up,request_timeout_ms=30000,"));
+        assert!(routerd_vsock_arg(&vm("request_timeout_ms=5"))
+            .unwrap()
+            .ends_with(",request_timeout_ms=5,uplink=none"));
+        for bad in [
+            "uplink=/dev/vsock",
+            "uplink=vsock",
+            "fallback=1,uplink=vsock:/x",
+        ] {
+            assert!(routerd_vsock_arg(&vm(bad)).is_err(), "{bad}");
+        }
+    }
+}
