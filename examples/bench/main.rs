@@ -253,10 +253,11 @@ fn vhost_user_workloads() -> Vec<(String, Work, Work)> {
     let (ours, theirs) = (Kind::Vu(Daemon::Ours), Kind::Vu(Daemon::Vdv));
     let mut w = Vec::new();
     let ba = 64 * 1024;
+    // Not the fragmented layouts: vhost-device-vsock 0.3.0 refuses a payload in more than one
+    // descriptor (`DescriptorLengthTooSmall`), and its connection stalls.
     let layouts = [
         ("linear", TxLayout::Linear),
         ("hdr+data", TxLayout::HeaderThenData),
-        ("frags", TxLayout::Fragments(vec![1000, 3000])),
     ];
     for (l, layout) in &layouts {
         let d = Dir::GuestToHost(layout.clone());

@@ -164,7 +164,8 @@ impl Rig {
             .map_err(|e| format!("tempdir: {e}"))?;
         let socket = dir.path().join("vm.sock");
         let vhost = dir.path().join("vhost.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
         let mut child = Command::new(bin)
             .arg("--vm")
             .arg(format!(
@@ -172,7 +173,10 @@ impl Rig {
                 vhost.display(),
                 socket.display()
             ))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("VR_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -181,10 +185,14 @@ impl Rig {
         while !vhost.exists() {
             if Instant::now() > until || child.try_wait().map_err(|e| e.to_string())?.is_some() {
                 let _ = child.kill();
-                let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
                 return Err(format!("{} did not start:\n{log}", bin.display()));
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if std::env::var_os("VR_BENCH_KEEP").is_some() {
+            eprintln!("bench: {} kept in {}", bin.display(), dir.path().display());
         }
         let (mut g, ctx) = SimGuest::new_shared(cid);
         let link = match FrontendLink::connect(&vhost, &g, &ctx, 2, LINUX_FEATURES) {
@@ -197,10 +205,18 @@ impl Rig {
         };
         g.buf_alloc = buf_alloc;
         g.event_idx_kicks = !crate::legacy();
+        // A header descriptor, then the data: what Linux sends for a linear skb. (The bulk
+        // workloads set their own layout; vhost-device-vsock refuses a payload split over more
+        // descriptors, see docs/performance.md.)
+        g.layout = vsock_router::sim::TxLayout::HeaderThenData;
         let pid = child.id();
         if let Some((dev_cpu, rest_cpu)) = crate::pinned() {
             for t in std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())? {
-                let tid = t.map_err(|e| e.to_string())?.file_name().to_string_lossy().parse();
+                let tid = t
+                    .map_err(|e| e.to_string())?
+                    .file_name()
+                    .to_string_lossy()
+                    .parse();
                 cpu::pin(tid.map_err(|_| "a task id")?, dev_cpu)?;
             }
             cpu::pin(0, rest_cpu)?;
@@ -214,7 +230,12 @@ impl Rig {
             host: Host::Unix {
                 socket,
                 listeners: HashMap::new(),
-                _dir: dir,
+                _dir: if std::env::var_os("VR_BENCH_KEEP").is_some() {
+                    let _ = dir.keep();
+                    tempfile::tempdir().map_err(|e| e.to_string())?
+                } else {
+                    dir
+                },
             },
         })
     }

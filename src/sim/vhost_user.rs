@@ -79,10 +79,18 @@ impl FrontendLink {
             frontend.set_vring_base(i, 0)?;
             frontend.set_vring_call(i, &guest.interrupt_fd())?;
             frontend.set_vring_kick(i, &ctx.kicks[i])?;
-            if offered & protocol != 0 {
+        }
+        // As QEMU's vhost_dev_start: the rings are enabled once all of them are set up.
+        if offered & protocol != 0 {
+            for i in 0..rings.min(ctx.queues.len()) {
                 frontend.set_vring_enable(i, true)?;
             }
         }
+        // A request with a reply as a barrier: the backend handles messages in order, so once
+        // it answers, the rings are enabled, and a kick the guest writes from now on cannot be
+        // read (and dropped) by a backend that has not seen SET_VRING_ENABLE yet. (A guest
+        // under a VMM cannot kick this early: its driver starts after the VMM set up the rings.)
+        frontend.get_features()?;
         Ok(FrontendLink { frontend, rings })
     }
 
