@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Progress, TempDir};
 use sha2::{Digest, Sha256};
+use vsock_router::backend::local::LocalPeers;
 use vsock_router::config::VsockConfig;
 use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::router::connector::Router;
@@ -619,5 +620,67 @@ fn vsock_connect_in_a_local_namespace_never_takes_the_uplink() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"ok");
     b_thread.join().unwrap();
+    drop(b.dev);
+}
+
+fn vm_in(cfg: &VsockConfig, peers: &LocalPeers) -> Vm {
+    let policy = Arc::new(Policy::new(cfg.g2h_fallback));
+    let router = Router::with_local_peers(cfg, policy.clone(), peers).expect("router");
+    let (g, dev) = SimGuest::with_device(DeviceConfig::new(cfg.cid), router);
+    let handle = VsockHandle::new(policy, dev.handle());
+    Vm { g, dev, handle }
+}
+
+#[test]
+fn siblings_of_one_process_relay_in_memory_with_the_registry_semantics() {
+    let dir = TempDir::new("local-peers");
+    let (group, other) = (LocalPeers::new(), LocalPeers::new());
+    let mut a = vm_in(&config(&dir, 3, ",uplink=none,fallback=0"), &group);
+    let b = vm_in(&config(&dir, 5, ",uplink=none"), &group);
+    // A device of another group (another namespace) is no sibling of A.
+    let _c = vm_in(&config(&dir, 7, ",uplink=none"), &other);
+    const SIZE: usize = 1 << 20;
+    let (up, down) = (pattern(SIZE, 3), pattern(SIZE, 4));
+    let b_thread = serve_sibling(b.g, 9000, down.clone(), SIZE);
+    let pa = a.g.connect(5, 9000).expect("A reaches B in memory");
+    assert_eq!(a.handle.connections()[0].path.name(), "sibling");
+    let mut got = Vec::new();
+    let mut off = 0;
+    let mut progress = Progress::new();
+    while (got.len() < SIZE || off < SIZE) && progress.going(got.len() + off) {
+        if off < SIZE {
+            let n = (SIZE - off).min(64 * 1024);
+            a.g.send(pa, &up[off..off + n], T).unwrap();
+            off += n;
+        }
+        got.extend(a.g.recv(pa, usize::MAX));
+        a.g.pump(Duration::from_millis(1));
+    }
+    // B closes: A's guest answers its SHUTDOWN with RST, as Linux does, while B waits.
+    let until = Instant::now() + T;
+    while !b_thread.is_finished() && Instant::now() < until {
+        a.g.pump(Duration::from_millis(1));
+    }
+    let (peer, b_got, gb) = b_thread.join().unwrap();
+    assert_eq!(peer, (3, pa), "B sees A's true address");
+    assert_eq!(b_got, Sha256::digest(&up).to_vec(), "A → B");
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&down), "B → A");
+    // B closed: A's guest saw the peer's SHUTDOWN, as from a sibling of the registry.
+    assert!(a.g.socks.get(&pa).is_none_or(|s| s.peer_shutdown != 0));
+    assert!(a.g.violations.is_empty() && gb.violations.is_empty());
+    // CID 7 is in no group of A's and A is strict: refused.
+    assert_eq!(a.g.connect(7, 9000), Err(SockState::Reset));
+    // A port nobody listens on at a sibling: the sibling's guest answers RST at once (well
+    // before the 2 s connect timeout).
+    let pumper = thread::spawn(move || {
+        let mut gb = gb;
+        gb.pump_until(Duration::from_secs(3), |_| false);
+        gb
+    });
+    let asked = Instant::now();
+    assert_eq!(a.g.connect(5, 1), Err(SockState::Reset));
+    assert!(asked.elapsed() < Duration::from_millis(1500), "{:?}", asked.elapsed());
+    let gb = pumper.join().unwrap();
+    assert!(gb.violations.is_empty());
     drop(b.dev);
 }

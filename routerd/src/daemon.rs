@@ -2,10 +2,12 @@
 //! stop on SIGTERM, SIGINT or `PUT /api/v1/vm.shutdown`.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{info, warn};
+use vsock_router::backend::local::LocalPeers;
 use vsock_router::router::connector::Router;
 use vsock_router::vhost_user::{self, SharedVsock, VhostUserVsock};
 use vsock_vmm::api::{self, ApiContext, VsockControl};
@@ -38,13 +40,17 @@ pub fn run(config: &DaemonConfig) -> Result<i32, Failure> {
         .map_err(|e| Failure(format!("cannot create the daemon's CID registry: {e}")))?;
     let mut vms: Vec<Vm> = Vec::new();
     let mut controls: BTreeMap<u64, Arc<dyn VsockControl>> = BTreeMap::new();
+    // VMs of one registry (one CID namespace) relay to each other in memory.
+    let mut groups: BTreeMap<PathBuf, LocalPeers> = BTreeMap::new();
     let started = (|| {
         for spec in &config.vms {
             let mut cfg = spec.vsock.clone();
-            if cfg.registry.is_none() {
-                cfg.registry = Some(registry.path().to_path_buf());
-            }
-            let parts = RouterParts::new(cfg)
+            let dir = cfg
+                .registry
+                .get_or_insert_with(|| registry.path().to_path_buf())
+                .clone();
+            let peers = groups.entry(dir).or_default();
+            let parts = RouterParts::with_local_peers(cfg, Some(peers))
                 .map_err(|e| Failure(format!("CID {}: {e}", spec.vsock.cid)))?;
             let mut device = parts.device;
             device.queue_size = spec.queue_size;

@@ -10,6 +10,7 @@ pub mod accept;
 pub mod backoff;
 pub mod host;
 pub mod listen;
+pub mod local;
 pub mod namespace;
 pub mod registry;
 pub mod seqpacket;

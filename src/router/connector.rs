@@ -16,6 +16,7 @@ use super::{Path, RouteInfo};
 use crate::backend::accept::HandshakeView;
 use crate::backend::host::HostBackend;
 use crate::backend::listen::ListenBackend;
+use crate::backend::local::{LocalPeer, LocalPeers};
 use crate::backend::namespace::NsMode;
 use crate::backend::registry::{Registry, RegistryError};
 use crate::backend::stream::SockStream;
@@ -70,6 +71,9 @@ pub enum RouterError {
     /// Setting up the poll set failed.
     #[error("cannot create the router's epoll set: {0}")]
     Epoll(io::Error),
+    /// The device could not join its group of in-process siblings.
+    #[error("cannot join the siblings of this process: {0}")]
+    LocalPeers(io::Error),
 }
 
 /// Routes a device's connections.
@@ -82,6 +86,9 @@ pub struct Router {
     registry: Option<Registry>,
     uplink: Option<Uplink>,
     listen: Option<ListenBackend>,
+    /// Siblings in this process (`Router::with_local_peers`), reached without the registry's
+    /// socket files.
+    local: Option<LocalPeer>,
     epoll: Epoll,
 }
 
@@ -185,8 +192,32 @@ impl Router {
             registry,
             uplink,
             listen,
+            local: None,
             epoll,
         })
+    }
+
+    /// As [`Router::new`], and the device joins `peers`, the sibling devices of this process
+    /// in the same CID namespace (the VMs of one `vsock-routerd` that share a registry): a
+    /// connection to one of them is relayed over a socket pair handed over in memory, with the
+    /// registry relay's semantics (`backend::local`). The registry, if any, still serves
+    /// siblings in other processes.
+    pub fn with_local_peers(
+        cfg: &VsockConfig,
+        policy: Arc<Policy>,
+        peers: &LocalPeers,
+    ) -> Result<Router, RouterError> {
+        let mut r = Router::new(cfg, policy)?;
+        let peer = peers.join(cfg.cid).map_err(RouterError::LocalPeers)?;
+        r.epoll
+            .ctl(
+                ControlOperation::Add,
+                peer.poll_fd(),
+                EpollEvent::new(EventSet::IN, peer.poll_fd() as u64),
+            )
+            .map_err(RouterError::Epoll)?;
+        r.local = Some(peer);
+        Ok(r)
     }
 
     /// The CID namespace's mode: the registry's, else what the configuration asked for.
@@ -262,8 +293,10 @@ impl Backend for Router {
             uplink: self.uplink.is_some(),
             ns_mode: self.ns_mode,
         };
-        let registry = self.registry.as_ref();
-        let decision = decide(req.dst_cid, &ctx, |c| registry.is_some_and(|r| r.owns(c)));
+        let (registry, local) = (self.registry.as_ref(), self.local.as_ref());
+        let decision = decide(req.dst_cid, &ctx, |c| {
+            local.is_some_and(|l| l.owns(c)) || registry.is_some_and(|r| r.owns(c))
+        });
         let (res, path, framing) = match decision {
             Decision::Refuse(_) => return Err(Refusal::NoRoute),
             Decision::Host => (
@@ -272,11 +305,18 @@ impl Backend for Router {
                 Framing::Bytes,
             ),
             Decision::Sibling => {
-                let r = self.registry.as_ref().ok_or(Refusal::NoRoute)?;
-                let res = r
-                    .connect_relay(req.dst_cid, req.dst_port, req.guest_cid, req.guest_port)
-                    .map(|s| (s, true));
-                (res, Path::Sibling, Framing::Packets)
+                let local = self.local.as_ref().and_then(|l| {
+                    l.relay(req.dst_cid, req.dst_port, req.guest_cid, req.guest_port)
+                });
+                let res = match local {
+                    Some(res) => res,
+                    None => self
+                        .registry
+                        .as_ref()
+                        .ok_or(Refusal::NoRoute)?
+                        .connect_relay(req.dst_cid, req.dst_port, req.guest_cid, req.guest_port),
+                };
+                (res.map(|s| (s, true)), Path::Sibling, Framing::Packets)
             }
             Decision::Uplink => {
                 let u = self.uplink.as_ref().ok_or(Refusal::NoRoute)?;
@@ -317,6 +357,9 @@ impl Backend for Router {
         }
         if let Some(l) = self.listen.as_mut() {
             l.process(now, out);
+        }
+        if let Some(l) = self.local.as_ref() {
+            l.process(out);
         }
     }
 

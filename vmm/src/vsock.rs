@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use vsock_router::backend::accept::DEFAULT_MAX_PENDING;
+use vsock_router::backend::local::LocalPeers;
 use vsock_router::backend::namespace::NsMode;
 use vsock_router::backend::uplink::UplinkSpec;
 use vsock_router::config::VsockConfig;
@@ -86,10 +87,22 @@ impl RouterParts {
     /// Binds the hybrid socket, claims the CID in the registry and opens the uplink listeners
     /// of `cfg`, and raises the descriptor limit for its connections.
     pub fn new(cfg: VsockConfig) -> Result<Self, VsockSetupError> {
+        Self::with_local_peers(cfg, None)
+    }
+
+    /// As [`RouterParts::new`]; with `peers`, the device joins those sibling devices of this
+    /// process (`Router::with_local_peers`).
+    pub fn with_local_peers(
+        cfg: VsockConfig,
+        peers: Option<&LocalPeers>,
+    ) -> Result<Self, VsockSetupError> {
         raise_fd_limit_for(&cfg);
         let policy = Arc::new(Policy::new(cfg.g2h_fallback));
-        let router =
-            Router::new(&cfg, policy.clone()).map_err(|e| VsockSetupError::Setup(e.to_string()))?;
+        let router = match peers {
+            Some(p) => Router::with_local_peers(&cfg, policy.clone(), p),
+            None => Router::new(&cfg, policy.clone()),
+        }
+        .map_err(|e| VsockSetupError::Setup(e.to_string()))?;
         let mut device = DeviceConfig::new(cfg.cid);
         device.max_connections = cfg.max_connections;
         device.csm.buf_alloc = cfg.buffer_size;
