@@ -679,7 +679,11 @@ fn siblings_of_one_process_relay_in_memory_with_the_registry_semantics() {
     });
     let asked = Instant::now();
     assert_eq!(a.g.connect(5, 1), Err(SockState::Reset));
-    assert!(asked.elapsed() < Duration::from_millis(1500), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        asked.elapsed()
+    );
     let gb = pumper.join().unwrap();
     assert!(gb.violations.is_empty());
     drop(b.dev);

@@ -170,3 +170,24 @@ fn stop_reports_ring_positions_and_a_new_frontend_starts_afresh() {
     d.wait_active(true);
     echo_through(&d, &mut g, 10_000);
 }
+
+#[test]
+fn a_new_memory_table_while_running_and_a_device_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), 16);
+    let (mut g, mut link) = d.guest(16, 2);
+    d.wait_active(true);
+    echo_through(&d, &mut g, 50_000);
+    // The table again, while the device runs: it goes on over the new mapping.
+    link.resend_memory(&g).unwrap();
+    assert!(d.vsock.is_active());
+    echo_through(&d, &mut g, 50_000);
+    // RESET_DEVICE stops it; the frontend then sets it up again (a rebooted guest driver).
+    link.reset_device().unwrap();
+    d.wait_active(false);
+    drop(link);
+    d.wait_active(false);
+    let (mut g, _link) = d.guest(16, 2);
+    d.wait_active(true);
+    echo_through(&d, &mut g, 50_000);
+}

@@ -27,7 +27,7 @@ pub struct FrontendLink {
 
 impl FrontendLink {
     /// Connects to the backend at `socket` and sets it up for `guest` as a VMM does for a
-    /// guest whose driver acked `features` (those the backend offers): owner, features, protocol features (MQ, CONFIG),
+    /// guest whose driver acked `features` (those the backend offers): owner, features, protocol features (MQ, CONFIG, RESET_DEVICE where offered),
     /// the memory table, then the first `rings` rings of `ctx` (the context
     /// [`SimGuest::new_shared`] returned), each started and enabled.
     pub fn connect(
@@ -46,7 +46,9 @@ impl FrontendLink {
         if offered & protocol != 0 {
             let pf = frontend.get_protocol_features()?;
             frontend.set_protocol_features(
-                pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG),
+                pf & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::RESET_DEVICE),
             )?;
         }
         let regions = guest
@@ -102,6 +104,25 @@ impl FrontendLink {
         let mut cid = [0u8; 8];
         cid.copy_from_slice(&payload[..8]);
         Ok(u64::from_le_bytes(cid))
+    }
+
+    /// Sends the memory table again (as a VMM does when guest memory is hot-plugged or
+    /// remapped); the guest's memory stays where it is.
+    pub fn resend_memory(&mut self, guest: &SimGuest) -> vhost::Result<()> {
+        let regions = guest
+            .mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<vhost::Result<Vec<_>>>()?;
+        self.frontend.set_mem_table(&regions)?;
+        // A round trip: the backend has taken the table once it answers.
+        self.frontend.get_features().map(|_| ())
+    }
+
+    /// VHOST_USER_RESET_DEVICE (a guest that resets its virtio device), then a round trip.
+    pub fn reset_device(&mut self) -> vhost::Result<()> {
+        self.frontend.reset_device()?;
+        self.frontend.get_features().map(|_| ())
     }
 
     /// Stops the rings as a VMM does when the guest stops (GET_VRING_BASE on each) and returns

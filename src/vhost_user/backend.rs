@@ -32,8 +32,11 @@ impl<B: Backend + 'static> VhostUserBackend for VhostUserVsock<B> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // MQ: the frontend asks how many queues there are; CONFIG: it reads the CID.
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+        // MQ: the frontend asks how many queues there are; CONFIG: it reads the CID;
+        // RESET_DEVICE: a guest's device reset stops the device (every connection closed).
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&self) {
