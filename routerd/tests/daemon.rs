@@ -150,7 +150,10 @@ fn two_vms_host_services_siblings_api_and_sigterm() {
     assert_eq!(vms["21"]["g2h_fallback"], true, "{vms}");
     assert_eq!(vms["22"]["g2h_fallback"], false, "{vms}");
     // The sibling connection was paired in memory: the registry's socket saw no handshake.
-    assert_eq!(vms["22"]["counters"]["handshakes"]["registry"]["accepted"], 0, "{vms}");
+    assert_eq!(
+        vms["22"]["counters"]["handshakes"]["registry"]["accepted"], 0,
+        "{vms}"
+    );
     assert_eq!(vms["21"]["counters"]["sibling"], 1, "{vms}");
     let conns = request(&api, "GET", "/api/v1/vms/21/vsock/connections", None)
         .unwrap()
