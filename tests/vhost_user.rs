@@ -191,3 +191,15 @@ fn a_new_memory_table_while_running_and_a_device_reset() {
     d.wait_active(true);
     echo_through(&d, &mut g, 50_000);
 }
+
+#[test]
+fn a_legacy_driver_behind_the_frontend_is_served() {
+    // QEMU's legacy virtio-mmio (the default of `-M microvm`): the driver acks no VERSION_1.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), 17);
+    let (mut g, ctx) = SimGuest::new_shared(17);
+    let legacy = LINUX_FEATURES & !(1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
+    let _link = FrontendLink::connect(&d.socket, &g, &ctx, 2, legacy).unwrap();
+    d.wait_active(true);
+    echo_through(&d, &mut g, 20_000);
+}

@@ -128,9 +128,22 @@ pub struct VsockDevice<B: Backend + 'static> {
     running: Option<Running<B>>,
     counters: Arc<Counters>,
     published: Arc<Mutex<Option<Arc<Control>>>>,
+    legacy_ok: bool,
 }
 
 impl<B: Backend + 'static> VsockDevice<B> {
+    /// Accepts a driver that does not ack VIRTIO_F_VERSION_1 (a legacy virtio transport), for a
+    /// transport that translates the legacy layout itself (vhost-user: QEMU's legacy
+    /// virtio-mmio, the default of `-M microvm`, hands over the same split rings). Only on a
+    /// little-endian host, where a legacy guest's native byte order is the device's.
+    pub fn accept_legacy_driver(&mut self) {
+        self.legacy_ok = cfg!(target_endian = "little");
+    }
+
+    fn version_ok(&self, features: u64) -> bool {
+        self.legacy_ok || features & (1 << VIRTIO_F_VERSION_1) != 0
+    }
+
     /// A device for the guest `cfg.guest_cid`, serving its host side with `backend`.
     pub fn new(cfg: DeviceConfig, backend: B) -> Self {
         VsockDevice {
@@ -141,6 +154,7 @@ impl<B: Backend + 'static> VsockDevice<B> {
             running: None,
             counters: Arc::new(Counters::default()),
             published: Arc::new(Mutex::new(None)),
+            legacy_ok: false,
         }
     }
 
@@ -235,7 +249,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
         if unoffered != 0 {
             return Err(FeatureError::Unoffered(unoffered));
         }
-        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+        if !self.version_ok(features) {
             return Err(FeatureError::NoVersion1);
         }
         self.acked = features;
@@ -265,7 +279,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
         if self.running.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if self.acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+        if !self.version_ok(self.acked) {
             return Err(ActivateError::FeaturesNotNegotiated);
         }
         if ctx.queues.len() != 3 || !(ctx.kicks.len() == 3 || ctx.kicks.is_empty()) {

@@ -91,7 +91,10 @@ impl<B: Backend + 'static> VhostUserVsock<B> {
     /// library's worker thread runs it) over `backend`.
     pub fn new(mut cfg: DeviceConfig, backend: B) -> SharedVsock<B> {
         cfg.run = RunMode::External;
-        let device = VsockDevice::new(cfg, backend);
+        let mut device = VsockDevice::new(cfg, backend);
+        // The frontend's transport may be legacy (QEMU's `-M microvm` virtio-mmio by default):
+        // the rings it hands over are the same.
+        device.accept_legacy_driver();
         let mut config = [0u8; 8];
         device.read_config(0, &mut config);
         Arc::new(VhostUserVsock {
