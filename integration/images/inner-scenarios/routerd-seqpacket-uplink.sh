@@ -18,7 +18,9 @@ rsu_le() { printf '%08x' "$1" | sed 's/\(..\)\(..\)\(..\)\(..\)/\4\3\2\1/'; }
 # the kernel's connect timeout raised from 2 s to 60 (SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD, level
 # AF_VSOCK = 40, option 6, a struct timeval), as vr-socat does for streams: the connect crosses
 # vsock-vmm, the emulated KVM host's kernel and the daemon before the guest gets its answer.
-rsu_vaddr() { echo "SOCKET-CONNECT:40:0:x0000$(rsu_le "$2")$(rsu_le "$1")00000000,type=5,setsockopt-bin=40:6:x3c000000000000000000000000000000"; }
+# socat 1.7.4.4 applies setsockopt-bin only after connect() (phase CONNECTED, seen in its -d -d
+# -d -d log), setsockopt-listen before it (phase PREBIND, whatever the address type).
+rsu_vaddr() { echo "SOCKET-CONNECT:40:0:x0000$(rsu_le "$2")$(rsu_le "$1")00000000,type=5,setsockopt-listen=40:6:x3c000000000000000000000000000000"; }
 head -c 7000 /dev/zero | tr '\0' a >/tmp/m7000
 head -c 100000 /dev/zero | tr '\0' b >/tmp/m100000
 head -c 3000 /dev/zero | tr '\0' c >/tmp/m3000
@@ -28,8 +30,10 @@ vr_expect_eq fallback-exchange 0 "$?"
 vr_expect_eq fallback-sent-lengths "3000 3000 1000" "$(rsu_lens '>' /tmp/x1.log)"
 vr_expect_eq fallback-received-lengths "1500 2500" "$(rsu_lens '<' /tmp/x1.log)"
 vr_expect_eq fallback-received-bytes "$(head -c 4000 /dev/zero | tr '\0' r | sha256sum | cut -d' ' -f1)" "$(vr_sha256 /tmp/back)"
-socat -v -u -b 262144 OPEN:/tmp/m100000 "$(rsu_vaddr 77 6001)" 2>/tmp/x2.log
+socat -d -d -d -d -v -u -b 262144 OPEN:/tmp/m100000 "$(rsu_vaddr 77 6001)" 2>/tmp/x2.log
 vr_expect_eq fallback-big-sent 0 "$?"
+# socat's debug log shows the connect timeout going to the socket before its connect.
+vr_info connect-timeout-option "$(grep -a -e 'setsockopt(' -e ' connect(' /tmp/x2.log | head -n 3)"
 vr_expect_eq fallback-big-lengths 100000 "$(rsu_lens '>' /tmp/x2.log)"
 echo done | vr-socat -u - VSOCK-CONNECT:2:998
 vr_expect_eq fallback-done-sent 0 "$?"
