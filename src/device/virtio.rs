@@ -79,7 +79,7 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     /// One kick fd per queue, in the same order, signalled when the driver notifies that queue.
     /// Empty when the transport watches the kicks itself and hands them on by calling
-    /// [`crate::device::VsockDevice::kicked`] (vhost-user, whose library reads the kick fds).
+    /// [`crate::device::core::DeviceCore::kicked`] (vhost-user, whose library reads the kick fds).
     pub kicks: Vec<EventFd>,
     /// How the device raises interrupts.
     pub interrupt: Arc<dyn Interrupt>,
