@@ -48,14 +48,65 @@ use vsock_integration::{
 /// The QEMU guests of these tests are heavy (TCG): one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// QEMU's virtio-mmio transport is legacy (version 1) unless told otherwise, and a driver on a
-/// legacy transport never sees, so never acknowledges, VIRTIO_F_VERSION_1 (bit 32). The device
-/// requires it (`VsockDevice::ack_features`), so on a legacy transport vsock-routerd logs
-/// `features 0x20000002: driver did not acknowledge VIRTIO_F_VERSION_1`, never starts the
-/// device, and every connect of the guest times out (measured here with QEMU 7.2's
-/// `vhost-user-vsock-device` on `microvm`; vhost-device-vsock accepts such a driver). These
-/// tests therefore ask for the modern transport, as a VMM that offers VERSION_1 does.
-const MODERN_MMIO: &str = "virtio-mmio.force-legacy=false";
+/// Which virtio-mmio transport QEMU gives a guest's `vhost-user-vsock-device`. QEMU's
+/// virtio-mmio is legacy (version 1) unless told otherwise (`force-legacy`, default true, also
+/// on `-M microvm`), and a driver on a legacy transport never sees, so never acknowledges,
+/// VIRTIO_F_VERSION_1 (bit 32). Before fd56c84 the daemon refused such a driver (`features
+/// 0x20000002: driver did not acknowledge VIRTIO_F_VERSION_1`, the device never started and
+/// every connect of the guest timed out: found by the first run of these tests); a VMM that
+/// offers VERSION_1 (a modern transport, PCI) is the other case. Both are exercised, and each
+/// guest reports its device's negotiated features, which [`transport_problems`] checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mmio {
+    /// QEMU's default.
+    Legacy,
+    /// `-global virtio-mmio.force-legacy=false`.
+    Modern,
+}
+
+impl Mmio {
+    fn qemu_args(self) -> &'static [&'static str] {
+        match self {
+            Mmio::Legacy => &[],
+            Mmio::Modern => &["-global", "virtio-mmio.force-legacy=false"],
+        }
+    }
+}
+
+/// Prints the negotiated features of the guest's virtio-vsock device (virtio device ID 19) as
+/// sysfs has them, bit 0 first: `VRTEST-INFO vsock-features <64 digits>`.
+const FEATURES_INFO: &str = r#"vr_info vsock-features "$(for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && cat $d/features; done)"
+"#;
+
+/// The guest behind `prefix` in `outcome` negotiated VIRTIO_VSOCK_F_SEQPACKET (bit 1), and
+/// VIRTIO_F_VERSION_1 (bit 32) exactly when its transport is modern; a list of problems.
+fn transport_problems(outcome: &RunOutcome, prefix: &str, mmio: Mmio) -> Vec<String> {
+    let key = format!("VRTEST-INFO {prefix}vsock-features ");
+    let Some(bits) = outcome
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key.as_str()))
+    else {
+        return vec![format!("{}: no {key:?} line", outcome.name)];
+    };
+    let bit = |i: usize| bits.as_bytes().get(i).copied();
+    let version_1 = if mmio == Mmio::Modern { b'1' } else { b'0' };
+    let mut p = Vec::new();
+    if bit(1) != Some(b'1') {
+        p.push(format!(
+            "{}{prefix}: SEQPACKET not negotiated: {bits}",
+            outcome.name
+        ));
+    }
+    if bit(32) != Some(version_1) {
+        p.push(format!(
+            "{}{prefix}: VERSION_1 is {:?} on a {mmio:?} transport: {bits}",
+            outcome.name,
+            bit(32).map(char::from)
+        ));
+    }
+    p
+}
 
 /// A bound for every wait of the machine's side on a guest (it gives up earlier once the run
 /// has ended).
@@ -65,16 +116,15 @@ const GUEST_WAIT: Duration = Duration::from_secs(400);
 // Small helpers: the guests, JSON fields, SOCK_SEQPACKET Unix sockets.
 
 /// A TCG guest (the KVM host image: stock Debian kernel, vsock modules) whose virtio-vsock
-/// device is `vhost-user-vsock-device` on the daemon's socket `dir/vhu.sock`, on a modern
-/// (version 2) virtio-mmio transport: see [`MODERN_MMIO`].
-fn daemon_guest(script: &str, name: &str, dir: &Path) -> GuestRun {
-    GuestRun::kvm_host(script)
+/// device is `vhost-user-vsock-device` on the daemon's socket `dir/vhu.sock`, on the `mmio`
+/// transport. Its scenario starts with [`FEATURES_INFO`].
+fn daemon_guest(script: &str, name: &str, dir: &Path, mmio: Mmio) -> GuestRun {
+    GuestRun::kvm_host(format!("{FEATURES_INFO}{script}"))
         .name(name)
         .memfd(true)
         .workdir(dir)
+        .qemu_args(mmio.qemu_args().iter().copied())
         .qemu_args([
-            "-global",
-            MODERN_MMIO,
             "-chardev",
             "socket,id=vu0,path={dir}/vhu.sock",
             "-device",
@@ -357,7 +407,6 @@ const UPLINK_LEN: usize = 65536;
 
 const BOTH_WAYS: &str = r#"
 vr_check dev-vsock test -c /dev/vsock
-vr_info seqpacket-feature "$(for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && cut -c2 $d/features; done)"
 sum="$(vr_pattern_file /tmp/d 1048576)"
 vr_check g2h-send vr-socat -u FILE:/tmp/d VSOCK-CONNECT:2:5000
 # The machine retries until we listen: keep accepting; its last connection is the one (the
@@ -569,7 +618,7 @@ fn guest_and_host_both_ways_and_fallback_vs_strict() {
             &dir.join("routerd.log"),
         )?;
         let phase = PhaseServer::start(&hybrid, "fallback")?;
-        let vm = daemon_guest(BOTH_WAYS, name, dir)
+        let vm = daemon_guest(BOTH_WAYS, name, dir, Mmio::Legacy)
             .modules(&["vsock"])
             .memory("512M")
             .smp(1)
@@ -603,7 +652,8 @@ fn guest_and_host_both_ways_and_fallback_vs_strict() {
         fail(e.to_string());
     }
     let seen = seen.unwrap_or_else(|e| fail(format!("the machine's side: {e}")));
-    let problems = both_ways_problems(&seen, &outcome.console);
+    let mut problems = transport_problems(&outcome, "", Mmio::Legacy);
+    problems.extend(both_ways_problems(&seen, &outcome.console));
     if !problems.is_empty() {
         fail(problems.join("\n"));
     }
@@ -760,6 +810,11 @@ fn vsock_test_problems(side: &str, outcome: &RunOutcome, prefix: &str) -> Vec<St
         .collect()
 }
 
+/// The transports of the two siblings: one of each, so that a legacy driver and a modern one
+/// meet through the daemon.
+const A_MMIO: Mmio = Mmio::Legacy;
+const B_MMIO: Mmio = Mmio::Modern;
+
 fn sibling_script(me: u32, peer: u32, role: &str) -> String {
     format!(
         r#"
@@ -821,8 +876,8 @@ fn two_guests_of_one_daemon_are_siblings_and_pass_vsock_test() {
             Some(&api),
             &tmp.path().join("routerd.log"),
         )?;
-        let guest = |script: String, who: &str, dir: &Path| {
-            daemon_guest(&script, who, dir)
+        let guest = |script: String, who: &str, dir: &Path, mmio| {
+            daemon_guest(&script, who, dir, mmio)
                 .binary(&vsock_test)
                 .file(
                     images_dir().join("inner-scenarios/conformance-vsock-test.sh"),
@@ -838,8 +893,18 @@ fn two_guests_of_one_daemon_are_siblings_and_pass_vsock_test() {
                 .timeout(Duration::from_secs(1200))
                 .spawn(artifacts)
         };
-        let a = guest(sibling_script(3, 4, "client"), "routerd-sibling-3", &da)?;
-        let b = guest(sibling_script(4, 3, "server"), "routerd-sibling-4", &db)?;
+        let a = guest(
+            sibling_script(3, 4, "client"),
+            "routerd-sibling-3",
+            &da,
+            A_MMIO,
+        )?;
+        let b = guest(
+            sibling_script(4, 3, "server"),
+            "routerd-sibling-4",
+            &db,
+            B_MMIO,
+        )?;
         let outcomes = RunningVm::wait_all(vec![a, b]);
         let infos = [3, 4].map(|cid| api_get(&api, &format!("/api/v1/vms/{cid}/vsock")));
         let log = daemon.log();
@@ -849,7 +914,11 @@ fn two_guests_of_one_daemon_are_siblings_and_pass_vsock_test() {
     })
     .unwrap();
     let mut problems = Vec::new();
-    for (side, outcome) in [("CID 3 (client)", &a), ("CID 4 (server)", &b)] {
+    for (side, outcome, mmio) in [
+        ("CID 3 (client)", &a, A_MMIO),
+        ("CID 4 (server)", &b, B_MMIO),
+    ] {
+        problems.extend(transport_problems(outcome, "", mmio));
         if let Err(e) = outcome.check(&[
             "host-modules-vsock",
             "sibling-send",
@@ -894,8 +963,6 @@ fn two_guests_of_one_daemon_are_siblings_and_pass_vsock_test() {
 // 3. SOCK_SEQPACKET through the real parent /dev/vsock (issue 11).
 
 const SEQPACKET_KVM_HOST: &str = r#"
-feature="$(for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && cut -c2 $d/features; done)"
-vr_expect_eq kvm-host-seqpacket-feature 1 "$feature"
 echo fallback >/tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
 socat -u UNIX-LISTEN:/tmp/v.sock_998 CREATE:/tmp/fallback-done &
@@ -1051,7 +1118,7 @@ fn seqpacket_through_the_real_parent_dev_vsock() {
             Seqpacket::listen(&dir.join("up/77_6000"))?,
             Seqpacket::listen(&dir.join("up/77_6001"))?,
         ]);
-        let vm = daemon_guest(SEQPACKET_KVM_HOST, name, dir)
+        let vm = daemon_guest(SEQPACKET_KVM_HOST, name, dir, Mmio::Legacy)
             .binary(&vmm)
             .modules(&["kvm", "vsock"])
             .timeout(Duration::from_secs(600))
@@ -1077,7 +1144,6 @@ fn seqpacket_through_the_real_parent_dev_vsock() {
     if let Err(e) = outcome.check(&[
         "host-modules-kvm",
         "host-modules-vsock",
-        "kvm-host-seqpacket-feature",
         "vmm-uplink-attempts-fallback",
         "vmm-fallback-off",
         "vmm-uplink-attempts-strict",
@@ -1099,7 +1165,10 @@ fn seqpacket_through_the_real_parent_dev_vsock() {
     }
     let seen = seen.unwrap_or_else(|e| fail(format!("the machine's side: {e}")));
     let after = after.unwrap_or_else(|e| fail(format!("the daemon's API: {e}")));
-    let problems = seqpacket_problems(&seen, late, &after);
+    let mut problems = transport_problems(&outcome, "", Mmio::Legacy);
+    // The inner guest's device is vsock-vmm's: modern virtio-mmio only.
+    problems.extend(transport_problems(&outcome, "inner/", Mmio::Modern));
+    problems.extend(seqpacket_problems(&seen, late, &after));
     if !problems.is_empty() {
         fail(problems.join("\n"));
     }
@@ -1258,6 +1327,14 @@ fn a_daemon_guest_and_a_vsock_vmm_guest_share_a_registry() {
         .collect();
     required.extend(names.iter().map(String::as_str));
     outcome.check(&required).unwrap();
+    let mut problems = transport_problems(&outcome, "daemon/", Mmio::Modern);
+    problems.extend(transport_problems(&outcome, "vmm/", Mmio::Modern));
+    assert!(
+        problems.is_empty(),
+        "{}\n{}",
+        problems.join("\n"),
+        outcome.console
+    );
     eprintln!(
         "{name}: passed in {:.1} s (KVM host {:.1} s)",
         start.elapsed().as_secs_f64(),
@@ -1277,4 +1354,33 @@ fn registry_run(name: &str, artifacts: &Artifacts, vmm: &Path, routerd: &Path) -
             .wait()
     })
     .unwrap()
+}
+
+/// The transport check must be able to fail.
+#[test]
+fn transport_checks_fail_on_the_wrong_features() {
+    let outcome = |bits: &str| {
+        let console = format!("VRTEST-INFO x/vsock-features {bits}\n");
+        RunOutcome {
+            name: "t".into(),
+            report: vsock_integration::parse_console(&console),
+            console,
+            qemu_log: String::new(),
+            exit: None,
+            elapsed: Duration::ZERO,
+            inner_crashes: Vec::new(),
+        }
+    };
+    // EVENT_IDX (29) and SEQPACKET (1), VERSION_1 (32) only on the modern transport.
+    let legacy = format!("01{}1{}", "0".repeat(27), "0".repeat(34));
+    let modern = format!("01{}1001{}", "0".repeat(27), "0".repeat(31));
+    assert_eq!(legacy.len(), 64);
+    assert_eq!(modern.len(), 64);
+    assert!(transport_problems(&outcome(&legacy), "x/", Mmio::Legacy).is_empty());
+    assert!(transport_problems(&outcome(&modern), "x/", Mmio::Modern).is_empty());
+    assert!(!transport_problems(&outcome(&legacy), "x/", Mmio::Modern).is_empty());
+    assert!(!transport_problems(&outcome(&modern), "x/", Mmio::Legacy).is_empty());
+    let no_seqpacket = modern.replacen("01", "00", 1);
+    assert!(!transport_problems(&outcome(&no_seqpacket), "x/", Mmio::Modern).is_empty());
+    assert!(!transport_problems(&outcome(&modern), "y/", Mmio::Modern).is_empty());
 }

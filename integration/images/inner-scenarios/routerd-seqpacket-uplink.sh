@@ -24,7 +24,7 @@ rsu_vaddr() { echo "SOCKET-CONNECT:40:0:x0000$(rsu_le "$2")$(rsu_le "$1")0000000
 head -c 7000 /dev/zero | tr '\0' a >/tmp/m7000
 head -c 100000 /dev/zero | tr '\0' b >/tmp/m100000
 head -c 3000 /dev/zero | tr '\0' c >/tmp/m3000
-vr_info seqpacket-feature "$(for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && cut -c2 $d/features; done)"
+vr_info vsock-features "$(for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && cat $d/features; done)"
 socat -v -b 3000 -t 60 'OPEN:/tmp/m7000!!CREATE:/tmp/back' "$(rsu_vaddr 77 6000)" 2>/tmp/x1.log
 vr_expect_eq fallback-exchange 0 "$?"
 vr_expect_eq fallback-sent-lengths "3000 3000 1000" "$(rsu_lens '>' /tmp/x1.log)"

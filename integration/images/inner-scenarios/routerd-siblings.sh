@@ -16,6 +16,9 @@ rs_len() { if [ "$1" -lt "$2" ]; then echo 1048576; else echo 1000000; fi; }
 rs_mine="$(vr_pattern_file /tmp/rs-out "$(rs_len "$rs_self" "$rs_peer")")"
 rs_theirs="$(vr_pattern_file /tmp/rs-want "$(rs_len "$rs_peer" "$rs_self")")"
 vr_info sibling "self $rs_self, peer $rs_peer"
+# The negotiated features of this guest's virtio-vsock device, bit 0 first (the test checks
+# SEQPACKET, bit 1, and VERSION_1, bit 32, against the transport it asked for).
+vr_info vsock-features "$(for d in /sys/bus/virtio/devices/*; do [ "$(cat $d/device)" = 0x0013 ] && cat $d/features; done)"
 vr_collect -l /tmp/rs-in.log 6000 /tmp/rs-in.d hash &
 rs_send() {
 	vr-socat -t 60 -T 120 'FILE:/tmp/rs-out!!CREATE:/tmp/rs-reply' "VSOCK-CONNECT:$rs_peer:6000" 2>/dev/null &&
