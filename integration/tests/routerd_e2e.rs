@@ -990,6 +990,8 @@ vsock-vmm remote --api-socket /tmp/api info >/tmp/info2.json 2>&1
 vr_expect_eq vmm-uplink-attempts-strict 2 "$(attempts /tmp/info2.json)"
 vr_check vmm-counts-refused grep -q '"refused": *1,' /tmp/info2.json
 vr_info vmm-api-info "$(tr -d ' \n' </tmp/info2.json)"
+# The guest waits for this before it ends (and its vsock-vmm with it): the counters are read.
+echo finish >/tmp/phase
 for _ in $(seq 1 3000); do kill -0 "$vmm" 2>/dev/null || break; usleep 100000; done
 wait "$vmm"
 vr_expect_eq vmm-exit-status 0 "$?"
