@@ -11,6 +11,7 @@ pub mod cli;
 pub mod devices;
 pub mod exit;
 pub mod logger;
+pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transport;

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cpu;
 pub mod layout;
 pub mod mptable;
+pub mod pause;
 pub mod vcpu;
 
 use std::fs::File;
