@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod devices;
 pub mod exit;
+pub mod lifecycle;
 pub mod logger;
 pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
