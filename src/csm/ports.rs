@@ -43,6 +43,21 @@ impl Ports {
         None
     }
 
+    /// Where the next search starts (for a save).
+    pub fn cursor(&self) -> u32 {
+        self.next
+    }
+
+    /// Starts the next search at `port` (a restore); a port outside the range starts it at
+    /// the range's first.
+    pub fn set_cursor(&mut self, port: u32) {
+        self.next = if (EPHEMERAL_FIRST..EPHEMERAL_END).contains(&port) {
+            port
+        } else {
+            EPHEMERAL_FIRST
+        };
+    }
+
     /// Gives `port` back.
     pub fn free(&mut self, port: u32) {
         self.in_use.remove(&port);
