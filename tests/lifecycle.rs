@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::Read;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
@@ -14,8 +13,11 @@ use std::time::Duration;
 use common::{request, setup, setup_with, GUEST};
 use vm_memory::{Address, Bytes};
 use vsock_router::csm::ports::EPHEMERAL_FIRST;
+use vsock_router::device::core::Flow;
 use vsock_router::device::virtio::{ActivateError, VirtioDevice};
-use vsock_router::device::{DeviceConfig, LifecycleError, ResetPolicy, VsockDevice, VsockState};
+use vsock_router::device::{
+    DeviceConfig, LifecycleError, ResetPolicy, RunMode, VsockDevice, VsockState,
+};
 use vsock_router::sim::{PairBackend, PairHost, SimGuest, SockState, LINUX_FEATURES};
 use vsock_router::wire::{op, sock_type};
 
@@ -92,6 +94,40 @@ fn a_paused_device_writes_no_guest_memory_and_data_flows_after_resume() {
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"after");
     assert_eq!(dev.connections().len(), 1, "the connection lived through");
+    assert!(g.violations.is_empty(), "{:?}", g.violations);
+}
+
+/// In a VMM's own loop (`RunMode::External`) the paused core leaves its subscriber: running it
+/// does nothing (the subscriber says stop), and after resume a new subscriber runs the same
+/// connections.
+#[test]
+fn a_paused_external_mode_device_leaves_its_subscriber_and_a_new_one_resumes_it() {
+    let mut cfg = DeviceConfig::new(GUEST);
+    cfg.run = RunMode::External;
+    let (mut g, mut dev, host) = setup_with(cfg);
+    g.drive_with(dev.subscriber().expect("external mode"), false);
+    let port = g.connect(2, 1234).expect("connected");
+    let (_, mut s) = host.accept(T).expect("host side");
+    g.pump(Duration::from_millis(50));
+    let old = dev.subscriber().expect("external mode");
+    dev.pause().expect("pause");
+    assert!(dev.subscriber().is_none());
+    s.write_all(b"paused").unwrap();
+    g.kick(0);
+    let before = g.memory_digest();
+    assert_eq!(
+        old.run_once(0).unwrap(),
+        Flow::Stop,
+        "the old subscriber has no core"
+    );
+    assert_eq!(old.poll_fd(), None);
+    for _ in 0..5 {
+        g.pump(Duration::from_millis(20));
+    }
+    assert_eq!(g.memory_digest(), before, "guest memory unchanged");
+    dev.resume().expect("resume");
+    g.drive_with(dev.subscriber().expect("running again"), false);
+    assert_eq!(g.recv_exact(port, 6, T), b"paused");
     assert!(g.violations.is_empty(), "{:?}", g.violations);
 }
 

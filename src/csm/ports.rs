@@ -82,4 +82,17 @@ mod tests {
         p.next = EPHEMERAL_FIRST;
         assert_eq!(p.alloc(), Some(EPHEMERAL_FIRST), "free again");
     }
+
+    #[test]
+    fn a_restored_cursor_is_where_the_search_goes_on_and_a_bogus_one_starts_over() {
+        let mut p = Ports::default();
+        p.set_cursor(EPHEMERAL_FIRST + 7);
+        assert_eq!(p.cursor(), EPHEMERAL_FIRST + 7);
+        assert_eq!(p.alloc(), Some(EPHEMERAL_FIRST + 7));
+        assert_eq!(p.cursor(), EPHEMERAL_FIRST + 8);
+        for bogus in [0, EPHEMERAL_FIRST - 1, EPHEMERAL_END, u32::MAX] {
+            p.set_cursor(bogus);
+            assert_eq!(p.cursor(), EPHEMERAL_FIRST, "{bogus}");
+        }
+    }
 }
