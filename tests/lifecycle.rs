@@ -373,6 +373,38 @@ fn a_cid_change_sends_transport_reset_whatever_the_policy() {
     );
 }
 
+/// A restored device saved again before its driver handled the TRANSPORT_RESET still owes it:
+/// the next restore sends it whatever the policy.
+#[test]
+fn an_event_not_yet_handled_is_saved_and_sent_again() {
+    let (mut g, mut dev, _host) = setup();
+    g.pump(Duration::from_millis(50));
+    let state = save_through_json(&mut dev);
+    assert!(!state.event_owed);
+    drop(dev);
+    let (mut dev2, _host2) = restore(
+        &g,
+        DeviceConfig::new(GUEST),
+        &state,
+        ResetPolicy::TransportReset,
+    );
+    assert!(g.pump_until(T, |g| g.evq.used_pending(&g.mem)));
+    let again = save_through_json(&mut dev2);
+    assert!(again.event_owed, "the driver has not handled it");
+    drop(dev2);
+    let (_dev3, _host3) = restore(
+        &g,
+        DeviceConfig::new(GUEST),
+        &again,
+        ResetPolicy::ConnectionRst,
+    );
+    assert!(g.pump_until(T, |g| {
+        let used: u16 = g.mem.read_obj(g.evq.used.unchecked_add(2)).unwrap();
+        used == 2
+    }));
+    assert_eq!(g.take_events(), vec![Some(0), Some(0)]);
+}
+
 #[test]
 fn restore_refuses_bogus_states_with_a_reason() {
     let (mut g, mut dev, _host) = setup_with(DeviceConfig::new(GUEST));

@@ -227,6 +227,7 @@ impl<B: Backend> DeviceCore<B> {
             queues: self.queue_states().into_iter().map(Into::into).collect(),
             next_port: self.muxer.port_cursor(),
             connections: self.muxer.snapshot().iter().map(SavedConn::from).collect(),
+            event_owed: self.gate != EventGate::Open,
         }
     }
 

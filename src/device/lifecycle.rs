@@ -46,6 +46,11 @@ pub struct VsockState {
     pub next_port: u32,
     /// The connections that were live: the guest still believes in them.
     pub connections: Vec<SavedConn>,
+    /// Whether a TRANSPORT_RESET was owed or not yet handled by the driver when saved (a
+    /// restored device saved again before its driver handled the event): a restore sends it
+    /// again, whatever the policy.
+    #[serde(default)]
+    pub event_owed: bool,
 }
 
 /// One queue's configuration and ring positions (virtio-queue's [`QueueState`], with serde).

@@ -182,7 +182,8 @@ impl<B: Backend + 'static> VsockDevice<B> {
     /// are whatever the restorer built it with, so a clone need not take the original's.
     ///
     /// On activation the device ends every saved connection by `policy`, and sends
-    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET when that is the policy or the CID changed; RX is
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET when that is the policy, the CID changed, or the saved
+    /// device still owed one; RX is
     /// then held back until the driver handled the event. TX is looked at without a kick, so a
     /// kick lost in the save costs nothing. The state is checked first and refused with the
     /// reason ([`RestoreError`]).
@@ -195,7 +196,9 @@ impl<B: Backend + 'static> VsockDevice<B> {
         let mut dev = VsockDevice::new(cfg, backend);
         let queues = lifecycle::check(state, &cfg, dev.avail_features(), dev.legacy_ok)?;
         dev.acked = state.acked_features;
-        let event = policy == ResetPolicy::TransportReset || state.guest_cid != cfg.guest_cid;
+        let event = policy == ResetPolicy::TransportReset
+            || state.guest_cid != cfg.guest_cid
+            || state.event_owed;
         dev.restored = Some(Restored {
             next_port: state.next_port,
             resets: if event {
