@@ -1246,7 +1246,7 @@ fn seqpacket_checks_fail_on_cut_or_merged_messages() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. A daemon guest and a vsock-vmm guest through one CID registry.
+// 4. A daemon guest and a vsock-vmm guest through one CID registry: bytes, then vsock_test.
 
 const REGISTRY_KVM_HOST: &str = r#"
 mkdir -p /tmp/reg
@@ -1258,7 +1258,7 @@ vr_wait_for 30 test -S /tmp/r6.vhost
 vr_expect_eq routerd-up 0 "$?"
 vr_check routerd-claims-cid test -S /tmp/reg/6.sock
 # The daemon's guest: QEMU on this host's KVM, its vsock device on the daemon (shared memory).
-vr_qemu_inner "vr.scenario=routerd-siblings vr.self=6 vr.peer=5 vr.timeout=500" \
+vr_qemu_inner "vr.scenario=routerd-registry vr.self=6 vr.peer=5 vr.role=server vr.ct_device=vsock-routerd vr.timeout=1200" \
 	-object memory-backend-memfd,id=vrm,size=256M,share=on -machine memory-backend=vrm \
 	-global virtio-mmio.force-legacy=false \
 	-chardev socket,id=vu,path=/tmp/r6.vhost -device vhost-user-vsock-device,chardev=vu \
@@ -1268,7 +1268,7 @@ qemu=$!
 # nothing).
 if vr_wait_for 180 grep -q VRTEST-BOOT /tmp/daemon-guest.log; then
 	vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=192M \
-		--cmdline "$(vr_inner_cmdline vr.scenario=routerd-siblings vr.self=5 vr.peer=6 vr.timeout=500)" \
+		--cmdline "$(vr_inner_cmdline vr.scenario=routerd-registry vr.self=5 vr.peer=6 vr.role=client vr.ct_device=vsock-vmm vr.timeout=1200)" \
 		--vsock cid=5,socket=/tmp/v5.sock,uplink=none,registry=/tmp/reg,$VR_VSOCK_TIMEOUTS \
 		--api-socket /tmp/vapi --log-level info >/tmp/vmm.log 2>&1 &
 	vmm=$!
@@ -1276,7 +1276,7 @@ else
 	vr_info daemon-guest-not-booted "$(tail -n 5 /tmp/daemon-guest.log)"
 	vmm=
 fi
-vr_wait_vmms 600 daemon:$qemu:/tmp/daemon-guest.log ${vmm:+vmm:$vmm:/tmp/vmm.log}
+vr_wait_vmms 1300 daemon:$qemu:/tmp/daemon-guest.log ${vmm:+vmm:$vmm:/tmp/vmm.log}
 printf 'GET /api/v1/vms/6/vsock HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' |
 	socat -t 10 - UNIX-CONNECT:/tmp/rapi 2>&1 | tr -d ' \r\n' >/tmp/rinfo
 vr_info routerd-api-info "$(cat /tmp/rinfo)"
@@ -1331,6 +1331,18 @@ fn a_daemon_guest_and_a_vsock_vmm_guest_share_a_registry() {
     outcome.check(&required).unwrap();
     let mut problems = transport_problems(&outcome, "daemon/", Mmio::Modern);
     problems.extend(transport_problems(&outcome, "vmm/", Mmio::Modern));
+    // vsock_test: the vsock-vmm guest is the client, the daemon's guest the server; every case
+    // crosses the registry from one device to the other.
+    problems.extend(vsock_test_problems(
+        "vsock-routerd guest (server)",
+        &outcome,
+        "daemon/",
+    ));
+    problems.extend(vsock_test_problems(
+        "vsock-vmm guest (client)",
+        &outcome,
+        "vmm/",
+    ));
     assert!(
         problems.is_empty(),
         "{}\n{}",
@@ -1338,10 +1350,23 @@ fn a_daemon_guest_and_a_vsock_vmm_guest_share_a_registry() {
         outcome.console
     );
     eprintln!(
-        "{name}: passed in {:.1} s (KVM host {:.1} s)",
+        "{name}: passed in {:.1} s (KVM host {:.1} s); vsock_test, vsock-vmm guest (client) | \
+         vsock-routerd guest (server):",
         start.elapsed().as_secs_f64(),
         outcome.elapsed.as_secs_f64()
     );
+    for case in VSOCK_TEST_CASES {
+        let r = |prefix: &str| {
+            outcome
+                .report
+                .results
+                .get(&format!("{prefix}vsock_test/{case}"))
+                .map_or("(not reported)".to_string(), |r| {
+                    format!("{} {}", r.status, r.detail)
+                })
+        };
+        eprintln!("  {case:<38} | {} | {}", r("vmm/"), r("daemon/"));
+    }
 }
 
 fn registry_run(name: &str, artifacts: &Artifacts, vmm: &Path, routerd: &Path) -> RunOutcome {
@@ -1351,7 +1376,7 @@ fn registry_run(name: &str, artifacts: &Artifacts, vmm: &Path, routerd: &Path) -
             .binary(vmm)
             .binary(routerd)
             .nested_qemu()
-            .timeout(Duration::from_secs(700))
+            .timeout(Duration::from_secs(1500))
             .spawn(artifacts)?
             .wait()
     })
