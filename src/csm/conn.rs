@@ -141,6 +141,28 @@ impl<S: VsockStream> Conn<S> {
         each!(self, c => c.fill_rx(mem, chain, now))
     }
 
+    /// Fills RX buffers from the front of `chains` (`lens[i]` the bytes written into
+    /// `chains[i]`); returns how many it used. A stream connection's bytes may fill several
+    /// ([`Connection::fill_rx_many`]); a relay fills one.
+    pub fn fill_rx_many(
+        &mut self,
+        mem: &GuestMemory,
+        chains: &[Chain],
+        lens: &mut [u32],
+        now: Instant,
+    ) -> usize {
+        match self {
+            Conn::Stream(c) => c.fill_rx_many(mem, chains, lens, now),
+            Conn::Relay(r) => match chains.first().and_then(|c| r.fill_rx(mem, c, now)) {
+                Some(len) => {
+                    lens[0] = len;
+                    1
+                }
+                None => 0,
+            },
+        }
+    }
+
     /// Whether the host side of the connection is known to be gone or is hanging up now (the
     /// peer closed its stream, or a relay link ended): a newcomer with the same addresses may
     /// be the peer connecting again after its close, whose news has not been read yet.
