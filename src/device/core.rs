@@ -254,9 +254,29 @@ impl<B: Backend> DeviceCore<B> {
     /// One wake-up: waits up to `timeout_ms` (0: not at all, -1: until something happens) for
     /// any fd of the core, then does all the work that is ready; see the module documentation.
     pub fn run_once(&mut self, timeout_ms: i32) -> io::Result<Flow> {
+        self.run_polled(Duration::ZERO, timeout_ms)
+    }
+
+    /// [`DeviceCore::run_once`], but before it sleeps it polls its fds without blocking for up
+    /// to `spin` (busy polling: a kick or a host byte is seen without the wake-up of a sleeping
+    /// thread, at the price of a CPU kept busy meanwhile). A zero `spin` sleeps at once.
+    pub fn run_polled(&mut self, spin: Duration, timeout_ms: i32) -> io::Result<Flow> {
         let mut ready = std::mem::take(&mut self.ready);
         ready.clear();
-        let waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        let mut waited = Ok(0);
+        if !spin.is_zero() {
+            let start = Instant::now();
+            loop {
+                waited = self.poller.wait(0, |r| ready.push(r));
+                if !matches!(waited, Ok(0)) || start.elapsed() >= spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        if matches!(waited, Ok(0)) {
+            waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        }
         let started = Instant::now();
         let flow = waited.and_then(|_| self.work(&ready));
         Counters::inc(&self.counters.wakeups);
