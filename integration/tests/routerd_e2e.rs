@@ -1266,7 +1266,7 @@ vr_qemu_inner "vr.scenario=routerd-registry vr.self=6 vr.peer=5 vr.role=server v
 qemu=$!
 # The vsock-vmm guest boots once the first one's user space runs (two early boots at once gain
 # nothing).
-if vr_wait_for 180 grep -q VRTEST-BOOT /tmp/daemon-guest.log; then
+if vr_wait_while "$qemu" 180 grep -q VRTEST-BOOT /tmp/daemon-guest.log; then
 	vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=192M \
 		--cmdline "$(vr_inner_cmdline vr.scenario=routerd-registry vr.self=5 vr.peer=6 vr.role=client vr.ct_device=vsock-vmm vr.timeout=1200)" \
 		--vsock cid=5,socket=/tmp/v5.sock,uplink=none,registry=/tmp/reg,$VR_VSOCK_TIMEOUTS \
@@ -1275,6 +1275,12 @@ if vr_wait_for 180 grep -q VRTEST-BOOT /tmp/daemon-guest.log; then
 else
 	vr_info daemon-guest-not-booted "$(tail -n 5 /tmp/daemon-guest.log)"
 	vmm=
+	# QEMU (-no-reboot, the guest's reboot=t) that ended by itself before its guest's user
+	# space ran, with no fault line from the guest's kernel: the nested guest's virtual CPU
+	# reset without a word (a triple fault), the emulated platform's (docs/testing.md).
+	if ! vr_running "$qemu" && ! grep -qE 'VRTEST|BUG|Oops|panic|WARNING' /tmp/daemon-guest.log; then
+		echo "VRTEST-PLATFORM-FAULT daemon guest: QEMU ended without a word from its guest's kernel before the guest's user space ran"
+	fi
 fi
 vr_wait_vmms 1300 daemon:$qemu:/tmp/daemon-guest.log ${vmm:+vmm:$vmm:/tmp/vmm.log}
 printf 'GET /api/v1/vms/6/vsock HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' |
