@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vsock_integration::{
-    accept_and_read_unless, api_request, artifacts_or_skip, build_workspace_binary,
+    accept_and_read_unless, api_counter, api_request, artifacts_or_skip, build_workspace_binary,
     connect_and_send_unless, images_dir, pattern, rerun_on_platform_fault, routerd_binary,
     sha256_hex, start_routerd, Artifacts, GuestRun, RouterdVm, RunOutcome, RunningVm, Status,
 };
@@ -145,12 +145,6 @@ fn field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
     let at = obj.find(&pat)? + pat.len();
     let rest = &obj[at..];
     Some(&rest[..rest.find([',', '}']).unwrap_or(rest.len())])
-}
-
-/// A number of the `counters` object of a VM's compact `GET .../vsock` answer.
-fn counter(info: &str, key: &str) -> Option<u64> {
-    let counters = &info[info.find("\"counters\":{")?..];
-    field(counters, key)?.parse().ok()
 }
 
 /// The objects of a compact JSON array of flat objects (`GET .../vsock/connections`).
@@ -580,14 +574,14 @@ fn both_ways_problems(seen: &BothWays, console: &str) -> Vec<String> {
     }
     let info = &seen.after_strict;
     for (key, want) in [("uplink", 1), ("uplink_attempts", 1), ("refused", 1)] {
-        if counter(info, key) != Some(want) {
+        if api_counter(info, key) != Some(want) {
             p.push(format!(
                 "counters after strict: {key} is {:?}, want {want}: {info}",
-                counter(info, key)
+                api_counter(info, key)
             ));
         }
     }
-    if counter(info, "host").unwrap_or(0) < 3 {
+    if api_counter(info, "host").unwrap_or(0) < 3 {
         p.push(format!("counters: want 3 or more host connections: {info}"));
     }
     p
@@ -810,6 +804,25 @@ fn vsock_test_problems(side: &str, outcome: &RunOutcome, prefix: &str) -> Vec<St
         .collect()
 }
 
+/// Prints one line per vsock_test case with its verdict on each side (a run and the prefix of
+/// that side in its console).
+fn print_cases(sides: &[(&RunOutcome, &str)]) {
+    for case in VSOCK_TEST_CASES {
+        let mut line = format!("  {case:<38}");
+        for (outcome, prefix) in sides {
+            let r = outcome
+                .report
+                .results
+                .get(&format!("{prefix}vsock_test/{case}"));
+            let verdict = r.map_or("(not reported)".to_string(), |r| {
+                format!("{} {}", r.status, r.detail)
+            });
+            line.push_str(&format!(" | {verdict}"));
+        }
+        eprintln!("{line}");
+    }
+}
+
 /// The transports of the two siblings: one of each, so that a legacy driver and a modern one
 /// meet through the daemon.
 const A_MMIO: Mmio = Mmio::Legacy;
@@ -931,7 +944,7 @@ fn two_guests_of_one_daemon_are_siblings_and_pass_vsock_test() {
     }
     for (cid, info) in [3, 4].iter().zip(&infos) {
         match info {
-            Ok(info) if counter(info, "sibling").unwrap_or(0) >= 1 => {}
+            Ok(info) if api_counter(info, "sibling").unwrap_or(0) >= 1 => {}
             other => problems.push(format!("CID {cid}: want sibling connections: {other:?}")),
         }
     }
@@ -941,17 +954,7 @@ fn two_guests_of_one_daemon_are_siblings_and_pass_vsock_test() {
         a.elapsed.as_secs_f64(),
         b.elapsed.as_secs_f64()
     );
-    for case in VSOCK_TEST_CASES {
-        let r = |o: &RunOutcome| {
-            o.report
-                .results
-                .get(&format!("vsock_test/{case}"))
-                .map_or("(not reported)".to_string(), |r| {
-                    format!("{} {}", r.status, r.detail)
-                })
-        };
-        eprintln!("  {case:<38} | {} | {}", r(&a), r(&b));
-    }
+    print_cases(&[(&a, ""), (&b, "")]);
     assert!(
         problems.is_empty(),
         "{}\n---- vsock-routerd log ----\n{log}",
@@ -1081,10 +1084,10 @@ fn seqpacket_problems(seen: &SeqSeen, late: usize, after: &str) -> Vec<String> {
     }
     // The KVM host's two fallback connections, nothing in strict mode (vsock-vmm refused it).
     for (key, want) in [("uplink", 2), ("uplink_attempts", 2), ("refused", 0)] {
-        if counter(after, key) != Some(want) {
+        if api_counter(after, key) != Some(want) {
             p.push(format!(
                 "the daemon's counters: {key} is {:?}, want {want}: {after}",
-                counter(after, key)
+                api_counter(after, key)
             ));
         }
     }
@@ -1361,18 +1364,7 @@ fn a_daemon_guest_and_a_vsock_vmm_guest_share_a_registry() {
         start.elapsed().as_secs_f64(),
         outcome.elapsed.as_secs_f64()
     );
-    for case in VSOCK_TEST_CASES {
-        let r = |prefix: &str| {
-            outcome
-                .report
-                .results
-                .get(&format!("{prefix}vsock_test/{case}"))
-                .map_or("(not reported)".to_string(), |r| {
-                    format!("{} {}", r.status, r.detail)
-                })
-        };
-        eprintln!("  {case:<38} | {} | {}", r("vmm/"), r("daemon/"));
-    }
+    print_cases(&[(&outcome, "vmm/"), (&outcome, "daemon/")]);
 }
 
 fn registry_run(name: &str, artifacts: &Artifacts, vmm: &Path, routerd: &Path) -> RunOutcome {

@@ -3,7 +3,7 @@
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-use super::connection::Connection;
+use super::connection::{fill_first, Connection};
 use super::relay::Relay;
 use super::types::{Addr, Interest, KillReason, Notify, State};
 use crate::stream::Readiness;
@@ -153,13 +153,7 @@ impl<S: VsockStream> Conn<S> {
     ) -> usize {
         match self {
             Conn::Stream(c) => c.fill_rx_many(mem, chains, lens, now),
-            Conn::Relay(r) => match chains.first().and_then(|c| r.fill_rx(mem, c, now)) {
-                Some(len) => {
-                    lens[0] = len;
-                    1
-                }
-                None => 0,
-            },
+            Conn::Relay(r) => fill_first(chains, lens, |c| r.fill_rx(mem, c, now)),
         }
     }
 

@@ -10,6 +10,22 @@ use crate::stream::VsockStream;
 use crate::vq::{Chain, GuestMemory, IoVecs};
 use crate::wire::{op, shutdown, Header, HEADER_LEN, MAX_PAYLOAD};
 
+/// Fills only the first of `chains` with `fill` (a packet per buffer): 1 with its length in
+/// `lens[0]`, or 0 when nothing was written.
+pub(crate) fn fill_first(
+    chains: &[Chain],
+    lens: &mut [u32],
+    fill: impl FnOnce(&Chain) -> Option<u32>,
+) -> usize {
+    match chains.first().and_then(fill) {
+        Some(len) => {
+            lens[0] = len;
+            1
+        }
+        None => 0,
+    }
+}
+
 impl<S: VsockStream> Connection<S> {
     pub(super) fn header(&self, op: u16, len: u32, flags: u32) -> Header {
         Header {
@@ -64,13 +80,7 @@ impl<S: VsockStream> Connection<S> {
                 return used;
             }
         }
-        match chains.first().and_then(|c| self.fill_rx(mem, c, now)) {
-            Some(len) => {
-                lens[0] = len;
-                1
-            }
-            None => 0,
-        }
+        fill_first(chains, lens, |c| self.fill_rx(mem, c, now))
     }
 
     /// Whether the next packet owed is plain stream data: nothing that goes before it is
