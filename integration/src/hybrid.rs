@@ -1,19 +1,13 @@
 //! The machine's side of hybrid vsock (Firecracker / Cloud Hypervisor Unix sockets, as served by
 //! `vhost-device-vsock` in `uds-path` mode) for tests whose TCG guests have a vhost-user
-//! virtio-vsock device: accept what a guest sends to CID 2, connect to a guest port, and the
-//! start barrier of sibling guests.
+//! virtio-vsock device: accept what a guest sends to CID 2, and connect to a guest port.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-
-/// The guest port on CID 2 that `vr_sibling_barrier` (in the guests' `vrtest.sh`) reports on.
-pub const BARRIER_UP_PORT: u32 = 9000;
-/// The guest port that `vr_sibling_barrier` waits on for the go-ahead.
-pub const BARRIER_GO_PORT: u32 = 9001;
 
 /// Deterministic test data, the same bytes as `vr_pattern_file` in the guests: the decimal
 /// numbers 0, 1, 2, ... one per line, cut to `len` bytes.
@@ -140,66 +134,4 @@ pub fn connect_and_send_unless(
         "gave up after {} s and {retries} retries: {last_err}",
         limit.as_secs()
     ))
-}
-
-/// The start barrier of guests that are siblings on one `vhost-device-vsock` daemon: a guest's
-/// device must be running before any sibling sends to it — vhost-device-vsock 0.3.0 ends its
-/// service thread for a guest when a sibling's packet arrives before that guest's rings are set
-/// up (its `SIBLING_VM_EVENT` handler fails with `NoMemoryConfigured`), and every later packet to
-/// that CID is lost. Each guest calls `vr_sibling_barrier` (CID 2 traffic is safe: it never takes
-/// the sibling path); this waits until every guest has reported on `<uds>_9000`, then releases
-/// them all through `CONNECT 9001`. Bounded by `limit`.
-pub struct SiblingBarrier {
-    listeners: Vec<(PathBuf, UnixListener)>,
-}
-
-impl SiblingBarrier {
-    /// Listens on `<uds>_9000` for each guest's hybrid-vsock socket `uds`.
-    pub fn new(uds_paths: &[&Path]) -> Result<Self, String> {
-        let listeners = uds_paths
-            .iter()
-            .map(|uds| {
-                let up = PathBuf::from(format!("{}_{BARRIER_UP_PORT}", uds.display()));
-                UnixListener::bind(&up)
-                    .map(|l| (uds.to_path_buf(), l))
-                    .map_err(|e| format!("bind {}: {e}", up.display()))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(SiblingBarrier { listeners })
-    }
-
-    /// Waits for every guest's report, then lets them all go. Returns how long the slowest took.
-    pub fn wait(self, limit: Duration) -> Result<Duration, String> {
-        self.wait_unless(limit, &|| false)
-    }
-
-    /// [`SiblingBarrier::wait`], giving up early once `stop()` returns true (the guests' runs
-    /// ended). A guest retries its report until one gets through, so connections that brought
-    /// no `up` line are skipped (and counted).
-    pub fn wait_unless(self, limit: Duration, stop: &dyn Fn() -> bool) -> Result<Duration, String> {
-        let start = Instant::now();
-        for (uds, listener) in &self.listeners {
-            let mut skipped = 0;
-            loop {
-                let left = limit.saturating_sub(start.elapsed());
-                let got = accept_and_read_unless(listener, left, stop)
-                    .map_err(|e| format!("barrier: no report from {}: {e}", uds.display()))?;
-                if got == b"up\n" {
-                    break;
-                }
-                skipped += 1;
-            }
-            eprintln!(
-                "[vsock-integration] barrier: {} is up (connections without the report: {skipped})",
-                uds.display()
-            );
-        }
-        let all_up = start.elapsed();
-        for (uds, _) in &self.listeners {
-            let left = limit.saturating_sub(start.elapsed());
-            connect_and_send_unless(uds, BARRIER_GO_PORT, b"go\n", left, stop)
-                .map_err(|e| format!("barrier: cannot release {}: {e}", uds.display()))?;
-        }
-        Ok(all_up)
-    }
 }

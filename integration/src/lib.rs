@@ -49,12 +49,12 @@ pub use error::HarnessError;
 pub use faults::{rerun_on_platform_fault, PLATFORM_FAULTS_ENV};
 pub use hybrid::{
     accept_and_read, accept_and_read_unless, connect_and_send, connect_and_send_unless, pattern,
-    sha256_hex, SiblingBarrier, BARRIER_GO_PORT, BARRIER_UP_PORT,
+    sha256_hex,
 };
 pub use inner_faults::{inner_triple_faults, kernel_report, symbolize, InnerTripleFault};
 pub use process::{
-    api_request, routerd_binary, start_routerd, start_vhost_user_vsock, start_vhost_user_vsock_vms,
-    vhost_user_backend, wait_for_path, ProcessGuard, RouterdVm, VhostUserVm, EMULATED_TIMEOUTS,
+    api_counter, api_request, routerd_binary, start_routerd, start_vhost_user_vsock,
+    vhost_user_backend, wait_for_path, ProcessGuard, RouterdVm, EMULATED_TIMEOUTS,
 };
 pub use uplink::{run_uplink, UplinkRun, ENCLAVE_CID, KVM_HOST_CID};
 pub use vm::{base64, GuestKind, GuestRun, RunOutcome, RunningVm};

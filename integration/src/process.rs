@@ -123,45 +123,18 @@ pub fn vhost_user_backend() -> Result<&'static Path, HarnessError> {
         .map_err(Clone::clone)
 }
 
-/// One guest of a [`start_vhost_user_vsock_vms`] daemon.
-#[derive(Clone, Debug)]
-pub struct VhostUserVm<'a> {
-    /// The guest's CID.
-    pub cid: u32,
-    /// The vhost-user socket the daemon creates for QEMU.
-    pub vhost_socket: &'a Path,
-    /// The hybrid-vsock Unix socket for this guest (`uds-path`).
-    pub uds_path: &'a Path,
-}
-
-/// Starts `vhost-device-vsock` for one guest with CID `guest_cid`: the
-/// vhost-user socket at `vhost_socket` (pass it to QEMU as
-/// `-chardev socket,id=X,path=...` + `-device vhost-user-vsock-device,chardev=X`,
-/// with [`crate::GuestRun::memfd`]) and the hybrid-vsock Unix socket at
-/// `uds_path` (host → guest: connect, write `CONNECT <port>\n`, read
-/// `OK <port>\n`; guest → host port P: listen on `<uds_path>_P`). Waits
-/// (at most 10 s) for the vhost-user socket to appear. Log: `<vhost_socket>.log`.
+/// Starts `vhost-device-vsock` for one guest with CID `guest_cid` (the interop scenario,
+/// `tests/vhost_user.rs`): the vhost-user socket at `vhost_socket` (pass it to QEMU as
+/// `-chardev socket,id=X,path=...` + `-device vhost-user-vsock-device,chardev=X`, with
+/// [`crate::GuestRun::memfd`]) and the hybrid-vsock Unix socket at `uds_path` (host → guest:
+/// connect, write `CONNECT <port>\n`, read `OK <port>\n`; guest → host port P: listen on
+/// `<uds_path>_P`). Unix-socket mode only: no AF_VSOCK is opened on the machine. Waits (at most
+/// 10 s) for the vhost-user socket to appear. Log: `<vhost_socket>.log`.
 pub fn start_vhost_user_vsock(
     guest_cid: u32,
     vhost_socket: &Path,
     uds_path: &Path,
 ) -> Result<ProcessGuard, HarnessError> {
-    start_vhost_user_vsock_vms(&[VhostUserVm {
-        cid: guest_cid,
-        vhost_socket,
-        uds_path,
-    }])
-}
-
-/// Starts one `vhost-device-vsock` serving several guests (one `--vm` each,
-/// all in the daemon's default group), so they reach each other by CID as
-/// sibling VMs on one cloud host: the nested-cloud topology of the uplink
-/// tests. Unix-socket mode only, as [`start_vhost_user_vsock`]. Waits (at most
-/// 10 s each) for the vhost-user sockets; the log is next to the first one.
-pub fn start_vhost_user_vsock_vms(vms: &[VhostUserVm<'_>]) -> Result<ProcessGuard, HarnessError> {
-    let first = vms
-        .first()
-        .ok_or_else(|| HarnessError::Setup("start_vhost_user_vsock_vms: no VMs".into()))?;
     let bin = vhost_user_backend()?;
     let mut cmd = Command::new(bin);
     // Its `info` level logs dropped packets (unknown CID, group mismatch, spoofed source).
@@ -169,24 +142,19 @@ pub fn start_vhost_user_vsock_vms(vms: &[VhostUserVm<'_>]) -> Result<ProcessGuar
         "RUST_LOG",
         std::env::var("VR_VHOST_USER_LOG").unwrap_or_else(|_| "info".into()),
     );
-    for vm in vms {
-        cmd.arg("--vm").arg(format!(
-            "guest-cid={},socket={},uds-path={}",
-            vm.cid,
-            vm.vhost_socket.display(),
-            vm.uds_path.display()
-        ));
-    }
-    let log = PathBuf::from(format!("{}.log", first.vhost_socket.display()));
+    cmd.arg("--vm").arg(format!(
+        "guest-cid={guest_cid},socket={},uds-path={}",
+        vhost_socket.display(),
+        uds_path.display()
+    ));
+    let log = PathBuf::from(format!("{}.log", vhost_socket.display()));
     let mut guard = ProcessGuard::spawn("vhost-device-vsock", &mut cmd, &log)?;
-    for vm in vms {
-        if !wait_for_path(vm.vhost_socket, Duration::from_secs(10)) || !guard.is_running() {
-            return Err(HarnessError::Setup(format!(
-                "vhost-device-vsock did not create {}:\n{}",
-                vm.vhost_socket.display(),
-                guard.log()
-            )));
-        }
+    if !wait_for_path(vhost_socket, Duration::from_secs(10)) || !guard.is_running() {
+        return Err(HarnessError::Setup(format!(
+            "vhost-device-vsock did not create {}:\n{}",
+            vhost_socket.display(),
+            guard.log()
+        )));
     }
     Ok(guard)
 }
@@ -309,6 +277,18 @@ pub fn start_routerd(
         }
     }
     Ok(guard)
+}
+
+/// A number of the `counters` object of a VM's `GET .../vsock` answer (`vsock-routerd`'s or
+/// `vsock-vmm`'s JSON, pretty-printed or not), e.g. `"sibling"`.
+pub fn api_counter(info: &str, key: &str) -> Option<u64> {
+    let compact: String = info.chars().filter(|c| !c.is_whitespace()).collect();
+    let counters = &compact[compact.find("\"counters\":{")?..];
+    let pat = format!("\"{key}\":");
+    let rest = &counters[counters.find(&pat)? + pat.len()..];
+    rest[..rest.find([',', '}']).unwrap_or(rest.len())]
+        .parse()
+        .ok()
 }
 
 /// One HTTP/1.1 request to a REST API on the Unix socket `socket` (`vsock-routerd`'s or

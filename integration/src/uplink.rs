@@ -1,26 +1,27 @@
 //! The nested-cloud topology of the tests that cross the real AF_VSOCK uplink: on the machine,
-//! one rust-vmm `vhost-device-vsock` daemon (Unix-socket mode only: no AF_VSOCK is opened on the
-//! machine) serves two TCG guests as siblings on one "cloud host" — the KVM host
-//! ([`KVM_HOST_CID`]), whose `vsock-vmm` guests take the g2h fallback through its `/dev/vsock`,
-//! and the enclave ([`ENCLAVE_CID`]). Both wait at the [`SiblingBarrier`] before they send to
-//! each other.
+//! one `vsock-routerd` (`uplink=none` for both VMs: no AF_VSOCK is opened on the machine) serves
+//! two TCG guests as siblings on one "cloud host" — the KVM host ([`KVM_HOST_CID`]), whose
+//! `vsock-vmm` guests take the g2h fallback through its `/dev/vsock`, and the enclave
+//! ([`ENCLAVE_CID`]). Both devices offer SOCK_SEQPACKET, and siblings of one daemon reach each
+//! other in memory, with the kernel's semantics (RST for a refused connect, half-close, credit)
+//! and no limit on packet size and no order in which their devices must start.
+//!
+//! This used to be `vhost-device-vsock` 0.3.0, which needed a start barrier (a sibling packet
+//! that arrived before the target's rings were set up ended that VM's service thread), packets
+//! of less than 4 KiB between the siblings, and SKIPs for every SOCK_SEQPACKET case; its
+//! interop scenario is `tests/vhost_user.rs`.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use crate::{
-    rerun_on_platform_fault, start_vhost_user_vsock_vms, Artifacts, GuestRun, HarnessError,
-    RunOutcome, RunningVm, SiblingBarrier, VhostUserVm,
+    api_counter, api_request, rerun_on_platform_fault, start_routerd, Artifacts, GuestRun,
+    HarnessError, RouterdVm, RunOutcome, RunningVm,
 };
 
 /// The KVM host's CID on the daemon.
 pub const KVM_HOST_CID: u32 = 3;
 /// The enclave's CID on the daemon.
 pub const ENCLAVE_CID: u32 = 10;
-/// How long the barrier waits for both guests' devices.
-const BARRIER_LIMIT: Duration = Duration::from_secs(300);
 
 /// What one run of the topology gave.
 pub struct UplinkRun {
@@ -28,17 +29,25 @@ pub struct UplinkRun {
     pub host: RunOutcome,
     /// The enclave's run.
     pub enclave: RunOutcome,
-    /// How long until both guests' vsock devices were up (the barrier released them).
-    pub both_up: Duration,
+    /// The daemon's `GET /api/v1/vms/<cid>/vsock` for the KVM host and the enclave, once both
+    /// runs ended (counters, connections), or why it could not be read.
+    pub vm_info: [Result<String, String>; 2],
     /// Everything the daemon printed.
     pub daemon_log: String,
 }
 
+impl UplinkRun {
+    /// A counter of the daemon's `counters` object for the VM at `index` of
+    /// [`UplinkRun::vm_info`] (0 the KVM host, 1 the enclave), e.g. `"sibling"`.
+    pub fn counter(&self, index: usize, key: &str) -> Option<u64> {
+        api_counter(self.vm_info.get(index)?.as_ref().ok()?, key)
+    }
+}
+
 /// Runs `host` and `enclave` (each with its name, binaries, files, modules, size and timeout
 /// set; this adds the working directory, memfd-backed memory and the vhost-user vsock device)
-/// on a fresh daemon and barrier, and waits for both. A platform fault in either guest ends
-/// both, and the whole topology is set up once more. A barrier that does not release both is
-/// [`HarnessError::Setup`], with both consoles.
+/// on a fresh daemon, and waits for both. A platform fault in either guest ends both, and the
+/// whole topology is set up once more.
 pub fn run_uplink(
     name: &str,
     artifacts: &Artifacts,
@@ -52,20 +61,25 @@ pub fn run_uplink(
         std::fs::create_dir(&enclave_dir)?;
         let (host_vhu, enclave_vhu) = (host_dir.join("vhu.sock"), enclave_dir.join("vhu.sock"));
         let (host_uds, enclave_uds) = (host_dir.join("vm.vsock"), enclave_dir.join("vm.vsock"));
-        let daemon = start_vhost_user_vsock_vms(&[
-            VhostUserVm {
-                cid: KVM_HOST_CID,
-                vhost_socket: &host_vhu,
-                uds_path: &host_uds,
-            },
-            VhostUserVm {
-                cid: ENCLAVE_CID,
-                vhost_socket: &enclave_vhu,
-                uds_path: &enclave_uds,
-            },
-        ])?;
-        let barrier =
-            SiblingBarrier::new(&[&host_uds, &enclave_uds]).map_err(HarnessError::Setup)?;
+        let api = dir.path().join("api.sock");
+        let daemon = start_routerd(
+            &[
+                RouterdVm {
+                    cid: KVM_HOST_CID,
+                    vhost_socket: &host_vhu,
+                    hybrid: &host_uds,
+                    keys: "",
+                },
+                RouterdVm {
+                    cid: ENCLAVE_CID,
+                    vhost_socket: &enclave_vhu,
+                    hybrid: &enclave_uds,
+                    keys: "",
+                },
+            ],
+            Some(&api),
+            &dir.path().join("routerd.log"),
+        )?;
         let on_daemon = |run: &GuestRun, dir: &Path| {
             run.clone()
                 .memfd(true)
@@ -80,28 +94,23 @@ pub fn run_uplink(
         };
         let enclave = on_daemon(enclave, &enclave_dir)?;
         let host = on_daemon(host, &host_dir)?;
-        // The barrier runs beside the guests and gives up when their runs end.
-        let ended = Arc::new(AtomicBool::new(false));
-        let barrier = {
-            let ended = Arc::clone(&ended);
-            std::thread::spawn(move || {
-                barrier.wait_unless(BARRIER_LIMIT, &|| ended.load(Ordering::Relaxed))
-            })
-        };
         let outcomes = RunningVm::wait_all(vec![host, enclave]);
-        ended.store(true, Ordering::Relaxed);
-        let barrier = barrier.join().expect("barrier thread");
+        let vm_info = [KVM_HOST_CID, ENCLAVE_CID].map(|cid| {
+            api_request(&api, "GET", &format!("/api/v1/vms/{cid}/vsock"), None).and_then(
+                |(status, body)| match status {
+                    200 => Ok(body),
+                    _ => Err(format!("HTTP {status}: {body}")),
+                },
+            )
+        });
         let daemon_log = daemon.log();
         drop(daemon);
         let mut outcomes = outcomes?.into_iter();
         let (host, enclave) = (outcomes.next().unwrap(), outcomes.next().unwrap());
-        let both_up = barrier.map_err(|e| {
-            HarnessError::Setup(format!("{e}\n{}\n{}", host.console, enclave.console))
-        })?;
         Ok(UplinkRun {
             host,
             enclave,
-            both_up,
+            vm_info,
             daemon_log,
         })
     })

@@ -9,9 +9,10 @@
 //!   case, SOCK_STREAM and SOCK_SEQPACKET, must pass on both sides (a SKIP is a failure).
 //! - Across the real AF_VSOCK uplink (the nested-cloud topology of `uplink_e2e.rs`): the inner
 //!   guest (CID 5 on the KVM host, CID 3) is the client and reaches the enclave (CID 10, the
-//!   server) by g2h fallback through the KVM host's `/dev/vsock`, a vhost-device-vsock 0.3.0
-//!   device. Required: exactly the cases that can pass there, every SOCK_STREAM case;
-//!   [`UPLINK_CANNOT_PASS`] lists the others with the reason (printed by the test).
+//!   server) by g2h fallback through the KVM host's `/dev/vsock`, whose device, like the
+//!   enclave's, is `vsock-routerd`'s. Every device in the path offers SOCK_SEQPACKET, so here
+//!   too every case must pass on both sides. (With vhost-device-vsock 0.3.0 as the cloud host,
+//!   as before, the 4 SOCK_SEQPACKET cases could not run: it does not offer the feature.)
 //!
 //! Run alone: `cargo test -p vsock-integration --test conformance -- --nocapture`.
 
@@ -54,24 +55,6 @@ const CASES: [Case; 11] = [
     case(9, "seqpacket-invalid-receive-buffer", true),
     case(10, "stream-poll-so-rcvlowat", false),
 ];
-
-/// The cases that cannot pass across the uplink (inner guest → our device → the KVM host's
-/// `/dev/vsock` → vhost-device-vsock 0.3.0 → the enclave), with the reason. Measured: every
-/// SOCK_STREAM case passes there (refused connects do get their RST: the daemon relays sibling
-/// packets as they are, RST included; vsock_test's packets are far below the ~4 KiB sibling
-/// limit; both guests' devices run before any sibling packet, see `SiblingBarrier`).
-const UPLINK_CANNOT_PASS: &[(&[usize], &str)] = &[(
-    &[6, 7, 8, 9],
-    "SOCK_SEQPACKET: vhost-device-vsock 0.3.0, the enclave's and the KVM host's device, does not \
-     offer VIRTIO_VSOCK_F_SEQPACKET (it offers VERSION_1, NOTIFY_ON_EMPTY and EVENT_IDX only), so \
-     the enclave's kernel refuses a SOCK_SEQPACKET socket's connect (ESOCKTNOSUPPORT) and its \
-     virtio transport never sees such a packet; the scenario reads the feature bit and skips \
-     them",
-)];
-
-/// What the SKIP of a SOCK_SEQPACKET case must say across the uplink (the enclave's device).
-const UPLINK_SEQPACKET_REASON: &str =
-    "vhost-device-vsock 0.3.0 does not offer VIRTIO_VSOCK_F_SEQPACKET yet";
 
 /// The QEMU guests of these tests are heavy (TCG, nested KVM): one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -129,7 +112,7 @@ fn vsock_test_between_sibling_guests() {
         table(&[(&outcome, "client/"), (&outcome, "server/")])
     );
     // Both devices are ours and offer SOCK_SEQPACKET: no case may be skipped.
-    let mut problems = case_problems(&outcome, &SIBLING_SIDES, None);
+    let mut problems = case_problems(&outcome, &SIBLING_SIDES);
     if let Err(e) = outcome.check(&[
         "vmm-server-exit",
         "vmm-client-exit",
@@ -142,9 +125,6 @@ fn vsock_test_between_sibling_guests() {
 }
 
 const UPLINK_KVM_HOST: &str = r#"
-# Nothing goes to the enclave's CID before its device runs (see SiblingBarrier).
-vr_sibling_barrier 300
-vr_expect_eq sibling-barrier 0 "$?"
 mkdir -p /tmp/reg
 vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=256M \
 	--cmdline "$(vr_inner_cmdline vr.scenario=conformance-vsock-test vr.role=client vr.peer=10 vr.timeout=1500)" \
@@ -159,9 +139,7 @@ vr_relay inner </tmp/inner.log
 "#;
 
 const UPLINK_ENCLAVE: &str = r#"
-vr_sibling_barrier 300
-vr_expect_eq sibling-barrier 0 "$?"
-VR_ROLE=server VR_PEER=3 VR_CT_DEVICE="vhost-device-vsock 0.3.0" . /vr/files/conformance-vsock-test.sh
+VR_ROLE=server VR_PEER=3 VR_CT_DEVICE=vsock-routerd . /vr/files/conformance-vsock-test.sh
 "#;
 
 #[test]
@@ -173,13 +151,6 @@ fn vsock_test_across_the_uplink() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let vmm = build_workspace_binary("vsock-vmm", "vsock-vmm").unwrap();
     let vsock_test = vsock_test_binary();
-    eprintln!("{name}: cases that cannot pass across the uplink:");
-    for (indices, why) in UPLINK_CANNOT_PASS {
-        for i in *indices {
-            eprintln!("  {i}-{}", CASES[*i].slug);
-        }
-        eprintln!("    why: {why}");
-    }
     let start = Instant::now();
     let enclave = GuestRun::kvm_host(UPLINK_ENCLAVE)
         .name("enclave")
@@ -197,37 +168,34 @@ fn vsock_test_across_the_uplink() {
         .binary(&vmm)
         .modules(&["kvm", "vsock"])
         .timeout(Duration::from_secs(1800));
+    let run = run_uplink(name, artifacts, &host, &enclave).unwrap();
+    // The KVM host opens every connection (to a sibling, in the daemon), the enclave takes them.
+    let through = [(0, "sibling"), (1, "incoming")].map(|(vm, key)| (key, run.counter(vm, key)));
     let UplinkRun {
         host,
         enclave,
         daemon_log,
         ..
-    } = run_uplink(name, artifacts, &host, &enclave).unwrap();
+    } = run;
     eprintln!(
         "{name}: {:.1} s (client: the inner guest, CID 5 on the KVM host; server: the enclave)\n{}",
         start.elapsed().as_secs_f64(),
         table(&[(&host, "inner/"), (&enclave, "")])
     );
-    let mut problems = case_problems(&host, &["inner/"], Some(UPLINK_SEQPACKET_REASON));
-    problems.extend(case_problems(
-        &enclave,
-        &[""],
-        Some(UPLINK_SEQPACKET_REASON),
-    ));
-    for (outcome, required) in [
-        (
-            &host,
-            &["sibling-barrier", "vmm-exit-status", "inner/done"][..],
-        ),
-        (&enclave, &["sibling-barrier"][..]),
-    ] {
-        if let Err(e) = outcome.check(required) {
-            problems.push(e.to_string());
+    let mut problems = case_problems(&host, &["inner/"]);
+    problems.extend(case_problems(&enclave, &[""]));
+    if let Err(e) = host.check(&["vmm-exit-status", "inner/done"]) {
+        problems.push(e.to_string());
+    }
+    // Every vsock_test connection crosses the daemon from the KVM host to the enclave.
+    for (who, (key, count)) in ["KVM host", "enclave"].iter().zip(through) {
+        if count.unwrap_or(0) == 0 {
+            problems.push(format!("{who}: the daemon's `{key}` counter is {count:?}"));
         }
     }
     assert!(
         problems.is_empty(),
-        "{}\n---- vhost-device-vsock log ----\n{daemon_log}",
+        "{}\n---- vsock-routerd log ----\n{daemon_log}",
         problems.join("\n")
     );
 }
@@ -249,33 +217,20 @@ fn vsock_test_binary() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// Every case's verdict on each side (`prefixes` name the sides in `outcome`'s console): a
-/// SOCK_STREAM case must PASS; a SOCK_SEQPACKET case must PASS, or — only where a device
-/// without the feature is in the path, `seqpacket_reason` naming it — be SKIP with that reason
-/// and a feature bit reported as 0.
-fn case_problems(
-    outcome: &RunOutcome,
-    prefixes: &[&str],
-    seqpacket_reason: Option<&str>,
-) -> Vec<String> {
+/// Every case's verdict on each side (`prefixes` name the sides in `outcome`'s console): every
+/// case, SOCK_STREAM and SOCK_SEQPACKET, must PASS (every device in our paths offers the
+/// feature; a SKIP is a failure).
+fn case_problems(outcome: &RunOutcome, prefixes: &[&str]) -> Vec<String> {
     let mut problems = Vec::new();
     for prefix in prefixes {
         for case in &CASES {
             let name = format!("{prefix}vsock_test/{}-{}", case.index, case.slug);
-            let Some(result) = outcome.report.results.get(&name) else {
-                problems.push(format!("{name}: not reported"));
-                continue;
-            };
-            let (status, detail) = (result.status, &result.detail);
-            if let (true, Status::Skip, Some(reason)) = (case.seqpacket, status, seqpacket_reason) {
-                // Honest only when a device's negotiated feature bit really is 0.
-                if !detail.contains(reason) || !detail.contains("feature bit 1 = 0") {
-                    problems.push(format!(
-                        "{name}: SKIP without \"{reason}\" and a feature bit of 0: {detail}"
-                    ));
+            match outcome.report.results.get(&name) {
+                None => problems.push(format!("{name}: not reported")),
+                Some(r) if r.status != Status::Pass => {
+                    problems.push(format!("{name}: {}: {}", r.status, r.detail))
                 }
-            } else if status != Status::Pass {
-                problems.push(format!("{name}: {status}: {detail}"));
+                Some(_) => {}
             }
         }
     }
@@ -301,7 +256,7 @@ fn table(sides: &[(&RunOutcome, &str)]) -> String {
 
 /// The verdict logic itself, on made-up consoles: it must be able to fail.
 #[test]
-fn case_verdicts_need_every_stream_pass_and_honest_seqpacket_skips() {
+fn case_verdicts_need_every_case_to_pass() {
     let outcome = |console: String| RunOutcome {
         name: "t".into(),
         report: vsock_integration::parse_console(&console),
@@ -311,49 +266,49 @@ fn case_verdicts_need_every_stream_pass_and_honest_seqpacket_skips() {
         elapsed: Duration::ZERO,
         inner_crashes: Vec::new(),
     };
-    let line = |case: &Case, verdict: &str| {
-        format!(
-            "VRTEST s/vsock_test/{}-{} {verdict}\n",
-            case.index, case.slug
-        )
-    };
-    let reason = Some(UPLINK_SEQPACKET_REASON);
-    let skip = format!("SKIP {UPLINK_SEQPACKET_REASON} (server: feature bit 1 = 0, ...)");
-    let all = |stream: &str, seqpacket: &str| -> String {
+    let all = |verdict: &dyn Fn(&Case) -> &'static str| -> String {
         CASES
             .iter()
-            .map(|c| line(c, if c.seqpacket { seqpacket } else { stream }))
+            .map(|c| {
+                format!(
+                    "VRTEST s/vsock_test/{}-{} {}\n",
+                    c.index,
+                    c.slug,
+                    verdict(c)
+                )
+            })
             .collect()
     };
-    let good = outcome(all("PASS ok", &skip));
-    assert_eq!(case_problems(&good, &["s/"], reason), Vec::<String>::new());
-    let all_pass = outcome(all("PASS ok", "PASS ok"));
-    assert!(case_problems(&all_pass, &["s/"], reason).is_empty());
-    assert!(case_problems(&all_pass, &["s/"], None).is_empty());
-    // Where every device offers the feature, even an honest SKIP fails.
-    assert!(!case_problems(&good, &["s/"], None).is_empty());
-    // A failing SOCK_STREAM case, a missing one, a SKIP without the reason or with the feature
-    // offered, a SEQPACKET FAIL, the other device named: each is a problem.
+    let good = all(&|_| "PASS ok");
+    assert_eq!(
+        case_problems(&outcome(good.clone()), &["s/"]),
+        Vec::<String>::new()
+    );
+    // A SOCK_SEQPACKET SKIP (even an honest one), a failing SOCK_STREAM case, a missing case,
+    // the other side's prefix: each is a problem.
     let bad = [
-        all("PASS ok", &skip).replace(
+        all(&|c| {
+            if c.seqpacket {
+                "SKIP feature bit 1 = 0"
+            } else {
+                "PASS ok"
+            }
+        }),
+        good.replace(
             "2-stream-client-close PASS ok",
             "2-stream-client-close FAIL x",
         ),
-        all("PASS ok", &skip).replace(
+        good.replace(
             "VRTEST s/vsock_test/0-stream-connection-reset PASS ok\n",
             "",
         ),
-        all("PASS ok", "SKIP not run"),
-        all("PASS ok", &skip.replace("bit 1 = 0", "bit 1 = 1")),
-        all("PASS ok", "FAIL rc=1"),
-        all("SKIP x", &skip),
+        all(&|c| if c.seqpacket { "FAIL rc=1" } else { "PASS ok" }),
     ];
     for console in bad {
         assert!(
-            !case_problems(&outcome(console.clone()), &["s/"], reason).is_empty(),
+            !case_problems(&outcome(console.clone()), &["s/"]).is_empty(),
             "{console}"
         );
     }
-    assert!(!case_problems(&good, &["s/"], Some("another device")).is_empty());
-    assert!(!case_problems(&good, &["other/"], reason).is_empty());
+    assert!(!case_problems(&outcome(good), &["other/"]).is_empty());
 }

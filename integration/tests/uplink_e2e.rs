@@ -1,6 +1,6 @@
 //! The nested-cloud topology with the real AF_VSOCK uplink (scenarios 6–9 of the integration
-//! issue). On the machine, one rust-vmm `vhost-device-vsock` daemon (Unix-socket mode only: no
-//! AF_VSOCK is opened on the machine) serves two TCG guests as siblings on one "cloud host":
+//! issue). On the machine, one `vsock-routerd` (`uplink=none`: no AF_VSOCK is opened on the
+//! machine) serves two TCG guests as siblings on one "cloud host" (`vsock_integration::uplink`):
 //!
 //! - the KVM host, CID 3: `vsock-vmm` boots the inner guest (CID 5) on its KVM with
 //!   `uplink=/dev/vsock` — the KVM host's real `/dev/vsock`, whose other end is the daemon;
@@ -25,9 +25,6 @@ use vsock_integration::{
 };
 
 const KVM_HOST: &str = r#"
-# Nothing goes to the enclave's CID before its device runs (see SiblingBarrier).
-vr_sibling_barrier 300
-vr_expect_eq sibling-barrier 0 "$?"
 mkdir -p /tmp/reg
 echo fallback > /tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
@@ -118,26 +115,18 @@ vr_expect_eq enclave-finish-sent 0 "$?"
 
 const ENCLAVE: &str = r#"
 want=$(vr_pattern_file /tmp/up.bin 1048576)
-vr_sibling_barrier 300
-vr_expect_eq sibling-barrier 0 "$?"
-# vhost-device-vsock 0.3.0 loses sibling packets with payloads of about 4 KiB and more (measured
-# here: 3500 bytes arrive, 4052 do not; Unix-socket traffic is not affected). So no packet
-# between the siblings may carry more than 2 KiB: our listeners advertise a 2 KiB receive buffer
-# (SO_VM_SOCKETS_BUFFER_SIZE: level AF_VSOCK = 40, option 0, a u64), so the KVM host never has
-# more credit than that, and our own sender writes 2 KiB at a time.
-small='setsockopt-listen=40:0:x0008000000000000'
 # The senders retry (until the inner guest, the KVM host or its vsock-vmm is up): our listeners
 # keep accepting, each connection in its own file; the last one, once the KVM host says it has
 # finished (port 7999), is the one checked.
-vr_collect -o ",$small" -l /tmp/e7000.log 7000 /tmp/e7000.d &
+vr_collect -l /tmp/e7000.log 7000 /tmp/e7000.d &
 socat -u VSOCK-LISTEN:7001,fork SYSTEM:'echo attempt >> /tmp/strict-attempts' &
-vr_collect -o ",$small" 7002 /tmp/e7002.d &
-vr_collect -o ",$small" 7999 /tmp/finish.d &
+vr_collect 7002 /tmp/e7002.d &
+vr_collect 7999 /tmp/finish.d &
 
 # 8. Connect to the KVM host's CID on port 8000; vsock-vmm's listen=8000 forwards to the inner
 # guest, which answers with the hash of what it got. Retried until the inner guest listens.
 inbound() {
-	vr-socat -b 2048 -t 60 -T 120 'FILE:/tmp/up.bin!!CREATE:/tmp/reply' VSOCK-CONNECT:3:8000 2>/dev/null &&
+	vr-socat -t 60 -T 120 'FILE:/tmp/up.bin!!CREATE:/tmp/reply' VSOCK-CONNECT:3:8000 2>/dev/null &&
 		[ "$(cat /tmp/reply)" = "$want" ] && return 0
 	sleep 1
 	return 1
@@ -177,21 +166,18 @@ fn real_uplink_through_the_parents_dev_vsock() {
         .binary(&connect)
         .modules(&["kvm", "vsock"])
         .timeout(Duration::from_secs(600));
+    let run = run_uplink(name, artifacts, &host, &enclave).unwrap();
+    let sibling = [0, 1].map(|vm| run.counter(vm, "sibling"));
     let UplinkRun {
         host,
         enclave,
-        both_up,
+        vm_info,
         daemon_log,
-    } = run_uplink(name, artifacts, &host, &enclave).unwrap();
-    eprintln!(
-        "both guests' vsock devices up after {:.1} s",
-        both_up.as_secs_f64()
-    );
+    } = run;
     let verdicts = [
         host.check(&[
             "host-modules-kvm",
             "host-modules-vsock",
-            "sibling-barrier",
             "vsock-connect-registry",
             "vsock-connect-uplink",
             "vsock-connect-fallback-notice",
@@ -221,7 +207,6 @@ fn real_uplink_through_the_parents_dev_vsock() {
         ]),
         enclave.check(&[
             "host-modules-vsock",
-            "sibling-barrier",
             "inbound-reply",
             "finish-received",
             "uplink-data",
@@ -232,8 +217,19 @@ fn real_uplink_through_the_parents_dev_vsock() {
     ];
     for (who, verdict) in ["KVM host", "enclave"].iter().zip(verdicts) {
         if let Err(e) = verdict {
-            panic!("{who}: {e}\n---- vhost-device-vsock log ----\n{daemon_log}");
+            panic!("{who}: {e}\n---- vsock-routerd log ----\n{daemon_log}");
         }
+    }
+    // The KVM host's uplink connections and the enclave's to the KVM host are siblings in the
+    // daemon: the cloud host itself counts them.
+    for (who, count, info) in [
+        ("KVM host", sibling[0], &vm_info[0]),
+        ("enclave", sibling[1], &vm_info[1]),
+    ] {
+        assert!(
+            count.is_some_and(|n| n >= 1),
+            "{who}: the daemon counts no sibling connection: {info:?}\n---- vsock-routerd log ----\n{daemon_log}"
+        );
     }
     eprintln!(
         "KVM host {:.1} s, enclave {:.1} s",

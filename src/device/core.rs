@@ -132,6 +132,8 @@ pub struct DeviceCore<B: Backend> {
     backend_ready: bool,
     /// The TRANSPORT_RESET owed after a restore, and the RX gate it holds.
     gate: EventGate,
+    /// The RX buffers of one fill (capacity [`RX_BATCH`], allocated once).
+    rx_chains: Vec<Chain>,
 }
 
 impl<B: Backend> DeviceCore<B> {
@@ -183,6 +185,7 @@ impl<B: Backend> DeviceCore<B> {
             tx_more: true,
             backend_ready: true,
             gate: EventGate::Open,
+            rx_chains: Vec::with_capacity(RX_BATCH),
         })
     }
 
@@ -302,9 +305,29 @@ impl<B: Backend> DeviceCore<B> {
     /// One wake-up: waits up to `timeout_ms` (0: not at all, -1: until something happens) for
     /// any fd of the core, then does all the work that is ready; see the module documentation.
     pub fn run_once(&mut self, timeout_ms: i32) -> io::Result<Flow> {
+        self.run_polled(Duration::ZERO, timeout_ms)
+    }
+
+    /// [`DeviceCore::run_once`], but before it sleeps it polls its fds without blocking for up
+    /// to `spin` (busy polling: a kick or a host byte is seen without the wake-up of a sleeping
+    /// thread, at the price of a CPU kept busy meanwhile). A zero `spin` sleeps at once.
+    pub fn run_polled(&mut self, spin: Duration, timeout_ms: i32) -> io::Result<Flow> {
         let mut ready = std::mem::take(&mut self.ready);
         ready.clear();
-        let waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        let mut waited = Ok(0);
+        if !spin.is_zero() {
+            let start = Instant::now();
+            loop {
+                waited = self.poller.wait(0, |r| ready.push(r));
+                if !matches!(waited, Ok(0)) || start.elapsed() >= spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        if matches!(waited, Ok(0)) {
+            waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        }
         let started = Instant::now();
         let flow = waited.and_then(|_| self.work(&ready));
         Counters::inc(&self.counters.wakeups);
@@ -430,24 +453,33 @@ impl<B: Backend> DeviceCore<B> {
         }
     }
 
-    /// Fills RX buffers with pending packets within the budget. Returns `true` when work was
-    /// left for later even though buffers may be available.
+    /// Fills RX buffers with pending packets within the budget, up to [`RX_BATCH`] buffers per
+    /// fill (one host read for a connection's bytes). Returns `true` when work was left for
+    /// later even though buffers may be available.
     fn process_rx(&mut self, now: Instant) -> bool {
         let mem = &self.mem;
         let q = &mut self.queues[RX];
+        let chains = &mut self.rx_chains;
+        let mut lens = [0u32; RX_BATCH];
+        let mut heads = [0u16; RX_BATCH];
         let mut done = 0;
         while self.muxer.has_rx_work() {
             if done >= self.budget {
                 return true;
             }
-            let head = match q.iter(mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
+            let want = (self.budget - done).min(RX_BATCH);
+            let popped = match q.iter(mem) {
+                Ok(it) => it
+                    .take(want)
+                    .zip(heads.iter_mut())
+                    .map(|(c, h)| *h = c.head_index())
+                    .count(),
                 Err(_) => {
                     Counters::inc(&self.counters.bad_avail_idx);
                     return false;
                 }
             };
-            let Some(head) = head else {
+            if popped == 0 {
                 // Out of buffers: ask for a kick when the driver adds some, and look again in
                 // case it did so meanwhile.
                 match q.enable_notification(mem) {
@@ -457,27 +489,36 @@ impl<B: Backend> DeviceCore<B> {
                         return false;
                     }
                 }
-            };
+            }
+            // The batch is the well-formed buffers in front; a malformed one ends it (and is
+            // answered as such when it comes first).
             let table = GuestAddress(q.desc_table());
-            let chain = match Chain::walk(mem, table, q.size(), head, Direction::DeviceWrites) {
-                Ok(c) if c.len() >= HEADER_LEN as u64 => c,
-                _ => {
-                    Counters::inc(&self.counters.malformed_chains);
-                    let _ = q.add_used(mem, head, 0);
-                    continue;
+            chains.clear();
+            for &head in &heads[..popped] {
+                match Chain::walk(mem, table, q.size(), head, Direction::DeviceWrites) {
+                    Ok(c) if c.len() >= HEADER_LEN as u64 => chains.push(c),
+                    _ => break,
                 }
-            };
-            match self.muxer.fill_rx(&self.poller, mem, &chain, now) {
-                Some(len) => {
-                    let _ = q.add_used(mem, head, len);
-                    Counters::inc(&self.counters.rx_packets);
-                    done += 1;
-                }
-                None => {
-                    // Nothing to send after all: put the buffer back for later.
-                    q.go_to_previous_position();
-                    return false;
-                }
+            }
+            if chains.is_empty() {
+                Counters::inc(&self.counters.malformed_chains);
+                let _ = q.add_used(mem, heads[0], 0);
+                give_back(q, popped - 1);
+                continue;
+            }
+            let used = self
+                .muxer
+                .fill_rx(&self.poller, mem, chains, &mut lens, now);
+            for (chain, &len) in chains.iter().zip(&lens).take(used) {
+                let _ = q.add_used(mem, chain.head(), len);
+                Counters::inc(&self.counters.rx_packets);
+            }
+            done += used;
+            // The buffers not used go back, for later.
+            give_back(q, popped - used);
+            if used == 0 {
+                // Nothing to send after all.
+                return false;
             }
         }
         false
@@ -496,6 +537,17 @@ impl<B: Backend> DeviceCore<B> {
             self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             let _ = self.interrupt.signal_used(queues);
         }
+    }
+}
+
+/// RX buffers one fill may use: 16 of the 4 KiB buffers Linux posts hold 64 KiB, the most one
+/// packet may carry, in one `readv`.
+pub const RX_BATCH: usize = 16;
+
+/// Returns the last `n` buffers taken from the available ring of `q` to it, unused.
+fn give_back(q: &mut Queue, n: usize) {
+    for _ in 0..n {
+        q.go_to_previous_position();
     }
 }
 

@@ -46,6 +46,10 @@ pub struct DeviceConfig {
     pub csm: CsmConfig,
     /// Where the device runs once activated.
     pub run: RunMode,
+    /// How long the device thread ([`RunMode::Thread`]) polls for work before it sleeps;
+    /// zero (the default) sleeps at once. A loop of the VMM's own ([`RunMode::External`])
+    /// decides for itself.
+    pub busy_poll: Duration,
 }
 
 /// Where an activated device runs.
@@ -70,6 +74,7 @@ impl DeviceConfig {
             budget: DEFAULT_BUDGET,
             csm: CsmConfig::default(),
             run: RunMode::Thread,
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -258,11 +263,12 @@ impl<B: Backend + 'static> VsockDevice<B> {
     }
 
     fn start(&mut self, core: DeviceCore<B>, control: Arc<Control>) -> io::Result<()> {
+        let busy_poll = self.cfg.busy_poll;
         let runner = match self.cfg.run {
             RunMode::Thread => Runner::Thread(
                 std::thread::Builder::new()
                     .name(format!("vsock-{}", self.cfg.guest_cid))
-                    .spawn(move || super::worker::run(core))?,
+                    .spawn(move || super::worker::run(core, busy_poll))?,
             ),
             RunMode::External => Runner::Shared(Arc::new(Mutex::new(Some(core)))),
         };

@@ -8,8 +8,8 @@
 #     host's virtio transport, and 25 of ours). socat -v logs one "length=" line per message,
 #     "> " for those it sent and "< " for those it received.
 #   strict (the KVM host switched vsock-vmm to fallback off): the same connect is reset.
-# The KVM host's phases: CID 2 port 999 (vr_host_phase_is); this guest reports the end of
-# each phase on ports 998 and 997.
+# The KVM host's phases (fallback, strict, finish): CID 2 port 999 (vr_host_phase_is); this
+# guest reports the end of each phase on ports 998 and 997 and ends when the host says finish.
 # rsu_lens DIRECTION LOG: the lengths of socat -v's headers for one direction ("> " or "< "
 # and a time stamp; the data it dumps has no newline, so a header may start mid-line).
 rsu_lens() { grep -ao "$1 [0-9/]* [0-9:.]* *length=[0-9]*" "$2" | sed 's/.*length=//' | tr '\n' ' ' | sed 's/ $//'; }
@@ -43,3 +43,6 @@ vr_expect_eq strict-refused 1 "$?"
 vr_check strict-econnreset grep -q 'Connection reset' /tmp/strict.err
 echo done | vr-socat -u - VSOCK-CONNECT:2:997
 vr_expect_eq strict-done-sent 0 "$?"
+# The KVM host reads vsock-vmm's counters after that signal; this guest's end would end its
+# vsock-vmm (and the API socket) first, so it waits for the host's last phase.
+vr_wait_for 300 vr_host_phase_is finish || vr_fail finish-phase "the KVM host never finished"

@@ -296,24 +296,6 @@ vr_collected_is() {
 	[ -n "$_f" ] && [ "$(vr_sha256 "$_f")" = "$2" ]
 }
 
-# vr_sibling_barrier [SECS]: for TCG guests that are siblings on the machine's
-# vhost-device-vsock daemon (SiblingBarrier in integration/src/hybrid.rs):
-# report "up" to the machine (CID 2 port 9000), then wait until the machine
-# says every sibling is up (it connects to our port 9001). Send nothing to a
-# sibling's CID before this returns: vhost-device-vsock 0.3.0 stops serving
-# a guest that gets a sibling's packet before its device is running.
-vr_sibling_barrier() {
-	_secs="${1:-300}"
-	vr_collect 9001 /tmp/vr-go &
-	_go=$!
-	_up_go=0
-	vr_retry sibling-barrier-up "$_secs" sh -c 'echo up | vr-socat -u - VSOCK-CONNECT:2:9000 2>/dev/null' &&
-		vr_wait_for "$_secs" vr_collected_is /tmp/vr-go "$(echo go | sha256sum | cut -d' ' -f1)" || _up_go=1
-	kill "$_go" 2>/dev/null
-	vr_info sibling-barrier-go "connections=$(vr_collected_count /tmp/vr-go)"
-	return "$_up_go"
-}
-
 # Inner guests only: vr_host_phase_is PHASE: the host side's phase, which the
 # scenarios' host scripts serve on CID 2 port 999, is PHASE (use with vr_wait_for).
 vr_host_phase_is() { [ "$(vr-socat -T2 -u VSOCK-CONNECT:2:999 - 2>/dev/null)" = "$1" ]; }
