@@ -101,9 +101,6 @@ fn vsock_test_between_sibling_guests() {
         GuestRun::kvm_host(SIBLINGS)
             .name(name)
             .binary(&vmm)
-            // Two inner guests on one virtual CPU of the KVM host (docs/testing.md, "Inner
-            // guests that die without a word").
-            .smp(1)
             .timeout(Duration::from_secs(1800))
             .spawn(artifacts)?
             .wait()

@@ -343,9 +343,7 @@ fn siblings_through_the_registry() {
     let name = "siblings_through_the_registry";
     if let Some(artifacts) = artifacts_or_skip(name) {
         run(
-            // Two inner guests on one virtual CPU of the KVM host (docs/testing.md, "Inner
-            // guests that die without a word").
-            GuestRun::kvm_host(SIBLINGS).smp(1),
+            GuestRun::kvm_host(SIBLINGS),
             name,
             artifacts,
             SIBLINGS_CHECKS,
