@@ -1374,6 +1374,9 @@ fn registry_run(name: &str, artifacts: &Artifacts, vmm: &Path, routerd: &Path) -
             .binary(vmm)
             .binary(routerd)
             .nested_qemu()
+            // Two inner guests on one virtual CPU of the KVM host (docs/testing.md, "Inner
+            // guests that die without a word").
+            .smp(1)
             .timeout(Duration::from_secs(1500))
             .spawn(artifacts)?
             .wait()
