@@ -548,6 +548,22 @@ impl<B: Backend> Muxer<B> {
         }
     }
 
+    /// Where the allocator of device-side ports searches next (for a save).
+    pub fn port_cursor(&self) -> u32 {
+        self.ports.cursor()
+    }
+
+    /// A restored table: the port allocator where the save left it, and the RSTs `resets`
+    /// owed for connections the guest had with the saved device, before any other RX (the
+    /// caller bounds them by the connection limit).
+    pub fn restart(&mut self, next_port: u32, resets: impl Iterator<Item = Header>) {
+        self.ports.set_cursor(next_port);
+        for h in resets {
+            self.rxq.push_reset(h);
+            self.counters.rst_sent(RstReason::Reset);
+        }
+    }
+
     /// A snapshot of every live connection.
     pub fn snapshot(&self) -> Vec<ConnInfo> {
         self.table

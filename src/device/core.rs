@@ -18,12 +18,13 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::guest_warn::GuestWarnings;
+use super::lifecycle::{EventGate, SavedConn, VsockState, STATE_VERSION};
 use super::poller::{Poller, Ready, Token};
 use super::virtio::Interrupt;
 use crate::csm::muxer::{ConnInfo, Muxer};
@@ -48,6 +49,8 @@ pub enum ControlMsg {
     Stop,
     /// Reply with a snapshot of the live connections.
     Connections(Sender<Vec<ConnInfo>>),
+    /// Return from the wake-up with [`Flow::Pause`], touching nothing more.
+    Pause,
 }
 
 /// The way into a running device from other threads: a message queue and an fd that wakes it.
@@ -90,6 +93,9 @@ pub enum Flow {
     /// A [`ControlMsg::Stop`] arrived: stop, and take the backend back
     /// ([`DeviceCore::into_backend`]).
     Stop,
+    /// A [`ControlMsg::Pause`] arrived: the wake-up ended before any queue work; whoever runs
+    /// the core stops calling it until the device resumes.
+    Pause,
 }
 
 /// Where the core reads the time.
@@ -124,6 +130,8 @@ pub struct DeviceCore<B: Backend> {
     warnings: GuestWarnings,
     tx_more: bool,
     backend_ready: bool,
+    /// The TRANSPORT_RESET owed after a restore, and the RX gate it holds.
+    gate: EventGate,
     /// The RX buffers of one fill (capacity [`RX_BATCH`], allocated once).
     rx_chains: Vec<Chain>,
 }
@@ -176,6 +184,7 @@ impl<B: Backend> DeviceCore<B> {
             warnings,
             tx_more: true,
             backend_ready: true,
+            gate: EventGate::Open,
             rx_chains: Vec::with_capacity(RX_BATCH),
         })
     }
@@ -200,6 +209,48 @@ impl<B: Backend> DeviceCore<B> {
             .iter()
             .map(|q| (q.next_avail(), q.next_used()))
             .collect()
+    }
+
+    /// The core's control channel.
+    pub(crate) fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Where each queue stands, whole (configuration and positions), for a save.
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.queues.iter().map(Queue::state).collect()
+    }
+
+    /// What a save of this core holds; the device adds the acked features.
+    pub(crate) fn save(&self, acked_features: u64) -> VsockState {
+        VsockState {
+            version: STATE_VERSION,
+            guest_cid: self.muxer.guest_cid(),
+            acked_features,
+            queues: self.queue_states().into_iter().map(Into::into).collect(),
+            next_port: self.muxer.port_cursor(),
+            connections: self.muxer.snapshot().iter().map(SavedConn::from).collect(),
+            event_owed: self.gate != EventGate::Open,
+        }
+    }
+
+    /// Sets a restored core on its way: the port allocator where the save left it, the RSTs
+    /// owed for `resets` (the saved connections, when that is the policy), and with `event`
+    /// the TRANSPORT_RESET owed on the event queue, RX held until the driver handled it.
+    pub(crate) fn restart(&mut self, next_port: u32, resets: &[SavedConn], event: bool) {
+        let cid = self.muxer.guest_cid();
+        let rsts = resets.iter().map(|c| super::lifecycle::rst_for(c, cid));
+        self.muxer.restart(next_port, rsts);
+        if event {
+            self.gate = EventGate::Owed;
+        }
+    }
+
+    /// Called when the device resumes: the core looks at every queue once more (a kick may have
+    /// come while it was paused), as after activation.
+    pub(crate) fn resumed(&mut self) -> io::Result<()> {
+        self.tx_more = true;
+        self.again.write(1)
     }
 
     /// Replaces the guest memory (the frontend's memory table changed while the device ran);
@@ -302,6 +353,7 @@ impl<B: Backend> DeviceCore<B> {
                     while let Some(msg) = self.control.take() {
                         match msg {
                             ControlMsg::Stop => return Ok(Flow::Stop),
+                            ControlMsg::Pause => return Ok(Flow::Pause),
                             ControlMsg::Connections(reply) => {
                                 let _ = reply.send(self.muxer.snapshot());
                             }
@@ -324,7 +376,13 @@ impl<B: Backend> DeviceCore<B> {
         }
         self.muxer.handle_deadlines(&self.poller, now);
         self.tx_more = tx_kick && self.process_tx(now);
-        let rx_more = self.process_rx(now);
+        let rx_open = self.gate.step(
+            &self.mem,
+            &mut self.queues[EVT],
+            &*self.interrupt,
+            &self.counters,
+        );
+        let rx_more = rx_open && self.process_rx(now);
         self.notify();
         if self.tx_more || rx_more {
             self.again.write(1)?;
