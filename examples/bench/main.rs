@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --release --example bench [-- --mib N] [--repeat R] [--rr N] [--only PAT,...]
 //!                                        [--quick] [--tsv] [--list] [--legacy-driver]
-//!                                        [--pin D,R]
+//!                                        [--pin D,R] [--busy-poll-us N]
 //! ```
 //!
 //! See `docs/performance.md`; `scripts/bench-compare.sh` runs two builds of it interleaved.
@@ -31,6 +31,13 @@ use vsock_router::sim::TxLayout;
 pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 static LEGACY: AtomicBool = AtomicBool::new(false);
+/// `--busy-poll-us`: the device thread's busy polling, in microseconds (0: off).
+static BUSY_POLL_US: AtomicUsize = AtomicUsize::new(0);
+
+/// The device thread's busy polling (`--busy-poll-us`).
+pub fn busy_poll() -> Duration {
+    Duration::from_micros(BUSY_POLL_US.load(Ordering::Relaxed) as u64)
+}
 /// `--pin`: 1 + the device thread's CPU, and 1 + every other thread's (0: not pinned).
 static PIN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
@@ -116,12 +123,13 @@ struct Opts {
     quick: bool,
     legacy: bool,
     pin: Option<(usize, usize)>,
+    busy_poll_us: u64,
     /// `--vhost-user OURS,THEIRS`: the two daemons' binaries.
     vhost_user: Option<[std::path::PathBuf; 2]>,
 }
 
 const USAGE: &str = "usage: bench [--mib N] [--repeat R] [--rr N] [--only PAT[,PAT...]] [--quick] \
-[--tsv] [--list] [--legacy-driver] [--pin D,R] [--vhost-user OURS,THEIRS]
+[--tsv] [--list] [--legacy-driver] [--pin D,R] [--busy-poll-us N] [--vhost-user OURS,THEIRS]
   --mib N     MiB per bulk run and per many-connection run (default 512; --quick: 32)
   --repeat R  runs per workload, min/median/max shown (default 3)
   --rr N      round trips per run (default 20000; --quick: 2000)
@@ -133,6 +141,8 @@ const USAGE: &str = "usage: bench [--mib N] [--repeat R] [--rr N] [--only PAT[,P
               every TX packet and RX refill, bulk RX queued and received byte by byte, the TX
               source at page offset 16 (aliasing the guest's copy modulo 4 KiB)
   --pin D,R   pins each device thread to CPU D and the guest and host threads to CPU R
+  --busy-poll-us N  the device thread polls up to N microseconds before it sleeps (the
+              `busy_poll_us` option of --vsock; default 0, off)
   --vhost-user OURS,THEIRS  instead: the vhost-user daemons vsock-routerd (OURS) and
               vhost-device-vsock (THEIRS), each in a process of its own, driven by the same
               simulated guest through a vhost-user frontend, runs interleaved, with the ratio of
@@ -149,6 +159,7 @@ fn parse_args() -> Result<Opts, String> {
         quick: false,
         legacy: false,
         pin: None,
+        busy_poll_us: 0,
         vhost_user: None,
     };
     let mut args = std::env::args().skip(1);
@@ -180,6 +191,13 @@ fn parse_args() -> Result<Opts, String> {
                     [d, r] if d < 1024 && r < 1024 => o.pin = Some((d, r)),
                     _ => return Err(format!("--pin: {v:?} is not two CPU numbers D,R")),
                 }
+            }
+            "--busy-poll-us" => {
+                let v = args.next().ok_or("--busy-poll-us needs a value")?;
+                o.busy_poll_us = match v.parse::<u64>() {
+                    Ok(n) if n <= 10_000 => n,
+                    _ => return Err(format!("--busy-poll-us: {v:?} is not in 0..=10000")),
+                };
             }
             "--vhost-user" => {
                 let v = args.next().ok_or("--vhost-user needs OURS,THEIRS")?;
@@ -462,6 +480,7 @@ fn main() -> ExitCode {
     // Two fds per connection and the device's own: beyond a default soft limit of 1024.
     let _ = vsock_router::sys::raise_fd_limit(8192);
     LEGACY.store(o.legacy, Ordering::Relaxed);
+    BUSY_POLL_US.store(o.busy_poll_us as usize, Ordering::Relaxed);
     if let Some((d, r)) = o.pin {
         PIN[0].store(d + 1, Ordering::Relaxed);
         PIN[1].store(r + 1, Ordering::Relaxed);
@@ -473,14 +492,19 @@ fn main() -> ExitCode {
         o.mib,
         o.rr,
         o.repeat,
-        match (o.legacy, o.pin) {
-            (false, None) => String::new(),
-            (l, p) => format!(
-                ";{}{}",
+        match (o.legacy, o.pin, o.busy_poll_us) {
+            (false, None, 0) => String::new(),
+            (l, p, b) => format!(
+                ";{}{}{}",
                 if l { " LEGACY DRIVER" } else { "" },
                 p.map_or(String::new(), |(d, r)| format!(
                     " device on CPU {d}, the rest on CPU {r}"
-                ))
+                )),
+                if b > 0 {
+                    format!(" device thread busy-polls {b} us")
+                } else {
+                    String::new()
+                }
             ),
         }
     );

@@ -103,6 +103,7 @@ impl Rig {
         let cid = NEXT_CID.fetch_add(1, Ordering::Relaxed);
         let mut cfg = DeviceConfig::new(cid);
         cfg.csm.buf_alloc = buf_alloc;
+        cfg.busy_poll = crate::busy_poll();
         if let Kind::Vu(daemon) = kind {
             return Rig::vhost_user(daemon, cid, buf_alloc);
         }

@@ -53,8 +53,8 @@ pub use hybrid::{
 };
 pub use inner_faults::{inner_triple_faults, kernel_report, symbolize, InnerTripleFault};
 pub use process::{
-    api_request, routerd_binary, start_routerd, start_vhost_user_vsock, vhost_user_backend,
-    wait_for_path, ProcessGuard, RouterdVm, EMULATED_TIMEOUTS,
+    api_counter, api_request, routerd_binary, start_routerd, start_vhost_user_vsock,
+    vhost_user_backend, wait_for_path, ProcessGuard, RouterdVm, EMULATED_TIMEOUTS,
 };
 pub use uplink::{run_uplink, UplinkRun, ENCLAVE_CID, KVM_HOST_CID};
 pub use vm::{base64, GuestKind, GuestRun, RunOutcome, RunningVm};

@@ -279,6 +279,18 @@ pub fn start_routerd(
     Ok(guard)
 }
 
+/// A number of the `counters` object of a VM's `GET .../vsock` answer (`vsock-routerd`'s or
+/// `vsock-vmm`'s JSON, pretty-printed or not), e.g. `"sibling"`.
+pub fn api_counter(info: &str, key: &str) -> Option<u64> {
+    let compact: String = info.chars().filter(|c| !c.is_whitespace()).collect();
+    let counters = &compact[compact.find("\"counters\":{")?..];
+    let pat = format!("\"{key}\":");
+    let rest = &counters[counters.find(&pat)? + pat.len()..];
+    rest[..rest.find([',', '}']).unwrap_or(rest.len())]
+        .parse()
+        .ok()
+}
+
 /// One HTTP/1.1 request to a REST API on the Unix socket `socket` (`vsock-routerd`'s or
 /// `vsock-vmm`'s): `Connection: close`, an optional JSON body, 10 s read and write timeouts.
 /// Returns the status code and the body.

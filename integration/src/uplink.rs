@@ -14,8 +14,8 @@
 use std::path::Path;
 
 use crate::{
-    api_request, rerun_on_platform_fault, start_routerd, Artifacts, GuestRun, HarnessError,
-    RouterdVm, RunOutcome, RunningVm,
+    api_counter, api_request, rerun_on_platform_fault, start_routerd, Artifacts, GuestRun,
+    HarnessError, RouterdVm, RunOutcome, RunningVm,
 };
 
 /// The KVM host's CID on the daemon.
@@ -40,16 +40,7 @@ impl UplinkRun {
     /// A counter of the daemon's `counters` object for the VM at `index` of
     /// [`UplinkRun::vm_info`] (0 the KVM host, 1 the enclave), e.g. `"sibling"`.
     pub fn counter(&self, index: usize, key: &str) -> Option<u64> {
-        let info = self.vm_info.get(index)?.as_ref().ok()?;
-        let compact: String = info.chars().filter(|c| !c.is_whitespace()).collect();
-        let counters = &compact[compact.find("\"counters\":{")?..];
-        let pat = format!("\"{key}\":");
-        let at = counters.find(&pat)? + pat.len();
-        let digits: String = counters[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
+        api_counter(self.vm_info.get(index)?.as_ref().ok()?, key)
     }
 }
 

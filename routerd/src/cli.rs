@@ -249,6 +249,18 @@ pub fn parse_vsock(raw: &str) -> Result<VmSpec, CliError> {
         }
     }
     let vsock: VsockConfig = rest.join(",").parse()?;
+    if !vsock.busy_poll.is_zero() {
+        // The rings are served on vhost-user-backend's worker threads, which sleep in epoll.
+        return Err(OptionError::Invalid {
+            option: "vsock",
+            key: "busy_poll_us".into(),
+            value: vsock.busy_poll.as_micros().to_string(),
+            why: "busy polling is a vsock-vmm device-thread option; vsock-routerd serves its \
+                  rings on vhost-user-backend's threads, which do not poll"
+                .into(),
+        }
+        .into());
+    }
     let vhost_user = vhost_user.ok_or(OptionError::MissingKey {
         option: "vsock",
         key: "vhost-user".into(),
@@ -321,6 +333,10 @@ mod tests {
                 .contains("power of two")
         );
         assert!(err(&["--vsock", "cid=5,socket=/a,vhost-user=/a"]).contains("both"));
+        assert!(
+            err(&["--vsock", "cid=5,socket=/a,vhost-user=/b,busy_poll_us=50"])
+                .contains("busy polling is a vsock-vmm device-thread option")
+        );
         let two = |x: &str, y: &str| {
             err(&[
                 "--vsock",

@@ -3,7 +3,7 @@
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-use super::connection::Connection;
+use super::connection::{fill_first, Connection};
 use super::relay::Relay;
 use super::types::{Addr, Interest, KillReason, Notify, State};
 use crate::stream::Readiness;
@@ -139,6 +139,22 @@ impl<S: VsockStream> Conn<S> {
     /// Writes the next packet owed to the guest into `chain`.
     pub fn fill_rx(&mut self, mem: &GuestMemory, chain: &Chain, now: Instant) -> Option<u32> {
         each!(self, c => c.fill_rx(mem, chain, now))
+    }
+
+    /// Fills RX buffers from the front of `chains` (`lens[i]` the bytes written into
+    /// `chains[i]`); returns how many it used. A stream connection's bytes may fill several
+    /// ([`Connection::fill_rx_many`]); a relay fills one.
+    pub fn fill_rx_many(
+        &mut self,
+        mem: &GuestMemory,
+        chains: &[Chain],
+        lens: &mut [u32],
+        now: Instant,
+    ) -> usize {
+        match self {
+            Conn::Stream(c) => c.fill_rx_many(mem, chains, lens, now),
+            Conn::Relay(r) => fill_first(chains, lens, |c| r.fill_rx(mem, c, now)),
+        }
     }
 
     /// Whether the host side of the connection is known to be gone or is hanging up now (the

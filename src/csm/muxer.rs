@@ -448,22 +448,34 @@ impl<B: Backend> Muxer<B> {
         !self.rxq.is_empty()
     }
 
-    /// Fills the RX buffer `chain` with the next packet owed to the guest, serving connections
-    /// round robin. Returns the used length, or `None` when nothing was written.
+    /// Fills RX buffers from the front of `chains` with what is owed to the guest: queued RSTs
+    /// first, one buffer each, else the next connection in round robin that has something,
+    /// which may fill several with one read of its host stream. Returns how many buffers were
+    /// used (`lens[i]` the bytes written into `chains[i]`); 0 when nothing was written.
     pub fn fill_rx(
         &mut self,
         w: &impl Watch,
         mem: &GuestMemory,
-        chain: &Chain,
+        chains: &[Chain],
+        lens: &mut [u32],
         now: Instant,
-    ) -> Option<u32> {
-        if chain.len() < HEADER_LEN as u64 {
-            return None;
-        }
-        if let Some(h) = self.rxq.pop_rst() {
+    ) -> usize {
+        // Only the buffers in front that can hold a header (the device passes no others).
+        let whole = chains.iter().take(lens.len());
+        let n = whole.take_while(|c| c.len() >= HEADER_LEN as u64).count();
+        let chains = &chains[..n];
+        let mut used = 0;
+        for chain in chains {
+            let Some(h) = self.rxq.pop_rst() else {
+                break;
+            };
             // Counted by reason when queued (`queue_rst`).
             chain.write_at(mem, 0, &h.encode());
-            return Some(HEADER_LEN as u32);
+            lens[used] = HEADER_LEN as u32;
+            used += 1;
+        }
+        if used > 0 || chains.is_empty() {
+            return used;
         }
         for _ in 0..self.rxq.turns() {
             let Some(id) = self.rxq.pop() else {
@@ -473,13 +485,13 @@ impl<B: Backend> Muxer<B> {
                 continue;
             };
             e.in_rxq = false;
-            let written = e.conn.fill_rx(mem, chain, now);
+            let used = e.conn.fill_rx_many(mem, chains, lens, now);
             self.after_change(w, id, now);
-            if written.is_some() {
-                return written;
+            if used > 0 {
+                return used;
             }
         }
-        None
+        0
     }
 
     /// The one place that acts on a connection's new state.
@@ -533,6 +545,22 @@ impl<B: Backend> Muxer<B> {
             if let Some(t) = deadline {
                 self.timers.arm(id, t);
             }
+        }
+    }
+
+    /// Where the allocator of device-side ports searches next (for a save).
+    pub fn port_cursor(&self) -> u32 {
+        self.ports.cursor()
+    }
+
+    /// A restored table: the port allocator where the save left it, and the RSTs `resets`
+    /// owed for connections the guest had with the saved device, before any other RX (the
+    /// caller bounds them by the connection limit).
+    pub fn restart(&mut self, next_port: u32, resets: impl Iterator<Item = Header>) {
+        self.ports.set_cursor(next_port);
+        for h in resets {
+            self.rxq.push_reset(h);
+            self.counters.rst_sent(RstReason::Reset);
         }
     }
 

@@ -43,6 +43,21 @@ impl Ports {
         None
     }
 
+    /// Where the next search starts (for a save).
+    pub fn cursor(&self) -> u32 {
+        self.next
+    }
+
+    /// Starts the next search at `port` (a restore); a port outside the range starts it at
+    /// the range's first.
+    pub fn set_cursor(&mut self, port: u32) {
+        self.next = if (EPHEMERAL_FIRST..EPHEMERAL_END).contains(&port) {
+            port
+        } else {
+            EPHEMERAL_FIRST
+        };
+    }
+
     /// Gives `port` back.
     pub fn free(&mut self, port: u32) {
         self.in_use.remove(&port);
@@ -66,5 +81,18 @@ mod tests {
         p.free(EPHEMERAL_FIRST);
         p.next = EPHEMERAL_FIRST;
         assert_eq!(p.alloc(), Some(EPHEMERAL_FIRST), "free again");
+    }
+
+    #[test]
+    fn a_restored_cursor_is_where_the_search_goes_on_and_a_bogus_one_starts_over() {
+        let mut p = Ports::default();
+        p.set_cursor(EPHEMERAL_FIRST + 7);
+        assert_eq!(p.cursor(), EPHEMERAL_FIRST + 7);
+        assert_eq!(p.alloc(), Some(EPHEMERAL_FIRST + 7));
+        assert_eq!(p.cursor(), EPHEMERAL_FIRST + 8);
+        for bogus in [0, EPHEMERAL_FIRST - 1, EPHEMERAL_END, u32::MAX] {
+            p.set_cursor(bogus);
+            assert_eq!(p.cursor(), EPHEMERAL_FIRST, "{bogus}");
+        }
     }
 }

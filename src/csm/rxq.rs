@@ -32,6 +32,12 @@ impl RxQueue {
         true
     }
 
+    /// Queues an RST past [`RST_QUEUE_CAP`]: for the RSTs a restored device owes the saved
+    /// connections, which the caller bounds (at most the device's connection limit).
+    pub fn push_reset(&mut self, h: Header) {
+        self.rsts.push_back(h);
+    }
+
     /// The next RST owed, oldest first.
     pub fn pop_rst(&mut self) -> Option<Header> {
         self.rsts.pop_front()

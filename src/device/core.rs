@@ -18,12 +18,13 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::guest_warn::GuestWarnings;
+use super::lifecycle::{EventGate, SavedConn, VsockState, STATE_VERSION};
 use super::poller::{Poller, Ready, Token};
 use super::virtio::Interrupt;
 use crate::csm::muxer::{ConnInfo, Muxer};
@@ -48,6 +49,8 @@ pub enum ControlMsg {
     Stop,
     /// Reply with a snapshot of the live connections.
     Connections(Sender<Vec<ConnInfo>>),
+    /// Return from the wake-up with [`Flow::Pause`], touching nothing more.
+    Pause,
 }
 
 /// The way into a running device from other threads: a message queue and an fd that wakes it.
@@ -90,6 +93,9 @@ pub enum Flow {
     /// A [`ControlMsg::Stop`] arrived: stop, and take the backend back
     /// ([`DeviceCore::into_backend`]).
     Stop,
+    /// A [`ControlMsg::Pause`] arrived: the wake-up ended before any queue work; whoever runs
+    /// the core stops calling it until the device resumes.
+    Pause,
 }
 
 /// Where the core reads the time.
@@ -124,6 +130,10 @@ pub struct DeviceCore<B: Backend> {
     warnings: GuestWarnings,
     tx_more: bool,
     backend_ready: bool,
+    /// The TRANSPORT_RESET owed after a restore, and the RX gate it holds.
+    gate: EventGate,
+    /// The RX buffers of one fill (capacity [`RX_BATCH`], allocated once).
+    rx_chains: Vec<Chain>,
 }
 
 impl<B: Backend> DeviceCore<B> {
@@ -174,6 +184,8 @@ impl<B: Backend> DeviceCore<B> {
             warnings,
             tx_more: true,
             backend_ready: true,
+            gate: EventGate::Open,
+            rx_chains: Vec::with_capacity(RX_BATCH),
         })
     }
 
@@ -197,6 +209,48 @@ impl<B: Backend> DeviceCore<B> {
             .iter()
             .map(|q| (q.next_avail(), q.next_used()))
             .collect()
+    }
+
+    /// The core's control channel.
+    pub(crate) fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Where each queue stands, whole (configuration and positions), for a save.
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.queues.iter().map(Queue::state).collect()
+    }
+
+    /// What a save of this core holds; the device adds the acked features.
+    pub(crate) fn save(&self, acked_features: u64) -> VsockState {
+        VsockState {
+            version: STATE_VERSION,
+            guest_cid: self.muxer.guest_cid(),
+            acked_features,
+            queues: self.queue_states().into_iter().map(Into::into).collect(),
+            next_port: self.muxer.port_cursor(),
+            connections: self.muxer.snapshot().iter().map(SavedConn::from).collect(),
+            event_owed: self.gate != EventGate::Open,
+        }
+    }
+
+    /// Sets a restored core on its way: the port allocator where the save left it, the RSTs
+    /// owed for `resets` (the saved connections, when that is the policy), and with `event`
+    /// the TRANSPORT_RESET owed on the event queue, RX held until the driver handled it.
+    pub(crate) fn restart(&mut self, next_port: u32, resets: &[SavedConn], event: bool) {
+        let cid = self.muxer.guest_cid();
+        let rsts = resets.iter().map(|c| super::lifecycle::rst_for(c, cid));
+        self.muxer.restart(next_port, rsts);
+        if event {
+            self.gate = EventGate::Owed;
+        }
+    }
+
+    /// Called when the device resumes: the core looks at every queue once more (a kick may have
+    /// come while it was paused), as after activation.
+    pub(crate) fn resumed(&mut self) -> io::Result<()> {
+        self.tx_more = true;
+        self.again.write(1)
     }
 
     /// Replaces the guest memory (the frontend's memory table changed while the device ran);
@@ -251,9 +305,29 @@ impl<B: Backend> DeviceCore<B> {
     /// One wake-up: waits up to `timeout_ms` (0: not at all, -1: until something happens) for
     /// any fd of the core, then does all the work that is ready; see the module documentation.
     pub fn run_once(&mut self, timeout_ms: i32) -> io::Result<Flow> {
+        self.run_polled(Duration::ZERO, timeout_ms)
+    }
+
+    /// [`DeviceCore::run_once`], but before it sleeps it polls its fds without blocking for up
+    /// to `spin` (busy polling: a kick or a host byte is seen without the wake-up of a sleeping
+    /// thread, at the price of a CPU kept busy meanwhile). A zero `spin` sleeps at once.
+    pub fn run_polled(&mut self, spin: Duration, timeout_ms: i32) -> io::Result<Flow> {
         let mut ready = std::mem::take(&mut self.ready);
         ready.clear();
-        let waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        let mut waited = Ok(0);
+        if !spin.is_zero() {
+            let start = Instant::now();
+            loop {
+                waited = self.poller.wait(0, |r| ready.push(r));
+                if !matches!(waited, Ok(0)) || start.elapsed() >= spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        if matches!(waited, Ok(0)) {
+            waited = self.poller.wait(timeout_ms, |r| ready.push(r));
+        }
         let started = Instant::now();
         let flow = waited.and_then(|_| self.work(&ready));
         Counters::inc(&self.counters.wakeups);
@@ -279,6 +353,7 @@ impl<B: Backend> DeviceCore<B> {
                     while let Some(msg) = self.control.take() {
                         match msg {
                             ControlMsg::Stop => return Ok(Flow::Stop),
+                            ControlMsg::Pause => return Ok(Flow::Pause),
                             ControlMsg::Connections(reply) => {
                                 let _ = reply.send(self.muxer.snapshot());
                             }
@@ -301,7 +376,13 @@ impl<B: Backend> DeviceCore<B> {
         }
         self.muxer.handle_deadlines(&self.poller, now);
         self.tx_more = tx_kick && self.process_tx(now);
-        let rx_more = self.process_rx(now);
+        let rx_open = self.gate.step(
+            &self.mem,
+            &mut self.queues[EVT],
+            &*self.interrupt,
+            &self.counters,
+        );
+        let rx_more = rx_open && self.process_rx(now);
         self.notify();
         if self.tx_more || rx_more {
             self.again.write(1)?;
@@ -372,24 +453,33 @@ impl<B: Backend> DeviceCore<B> {
         }
     }
 
-    /// Fills RX buffers with pending packets within the budget. Returns `true` when work was
-    /// left for later even though buffers may be available.
+    /// Fills RX buffers with pending packets within the budget, up to [`RX_BATCH`] buffers per
+    /// fill (one host read for a connection's bytes). Returns `true` when work was left for
+    /// later even though buffers may be available.
     fn process_rx(&mut self, now: Instant) -> bool {
         let mem = &self.mem;
         let q = &mut self.queues[RX];
+        let chains = &mut self.rx_chains;
+        let mut lens = [0u32; RX_BATCH];
+        let mut heads = [0u16; RX_BATCH];
         let mut done = 0;
         while self.muxer.has_rx_work() {
             if done >= self.budget {
                 return true;
             }
-            let head = match q.iter(mem) {
-                Ok(mut it) => it.next().map(|c| c.head_index()),
+            let want = (self.budget - done).min(RX_BATCH);
+            let popped = match q.iter(mem) {
+                Ok(it) => it
+                    .take(want)
+                    .zip(heads.iter_mut())
+                    .map(|(c, h)| *h = c.head_index())
+                    .count(),
                 Err(_) => {
                     Counters::inc(&self.counters.bad_avail_idx);
                     return false;
                 }
             };
-            let Some(head) = head else {
+            if popped == 0 {
                 // Out of buffers: ask for a kick when the driver adds some, and look again in
                 // case it did so meanwhile.
                 match q.enable_notification(mem) {
@@ -399,27 +489,36 @@ impl<B: Backend> DeviceCore<B> {
                         return false;
                     }
                 }
-            };
+            }
+            // The batch is the well-formed buffers in front; a malformed one ends it (and is
+            // answered as such when it comes first).
             let table = GuestAddress(q.desc_table());
-            let chain = match Chain::walk(mem, table, q.size(), head, Direction::DeviceWrites) {
-                Ok(c) if c.len() >= HEADER_LEN as u64 => c,
-                _ => {
-                    Counters::inc(&self.counters.malformed_chains);
-                    let _ = q.add_used(mem, head, 0);
-                    continue;
+            chains.clear();
+            for &head in &heads[..popped] {
+                match Chain::walk(mem, table, q.size(), head, Direction::DeviceWrites) {
+                    Ok(c) if c.len() >= HEADER_LEN as u64 => chains.push(c),
+                    _ => break,
                 }
-            };
-            match self.muxer.fill_rx(&self.poller, mem, &chain, now) {
-                Some(len) => {
-                    let _ = q.add_used(mem, head, len);
-                    Counters::inc(&self.counters.rx_packets);
-                    done += 1;
-                }
-                None => {
-                    // Nothing to send after all: put the buffer back for later.
-                    q.go_to_previous_position();
-                    return false;
-                }
+            }
+            if chains.is_empty() {
+                Counters::inc(&self.counters.malformed_chains);
+                let _ = q.add_used(mem, heads[0], 0);
+                give_back(q, popped - 1);
+                continue;
+            }
+            let used = self
+                .muxer
+                .fill_rx(&self.poller, mem, chains, &mut lens, now);
+            for (chain, &len) in chains.iter().zip(&lens).take(used) {
+                let _ = q.add_used(mem, chain.head(), len);
+                Counters::inc(&self.counters.rx_packets);
+            }
+            done += used;
+            // The buffers not used go back, for later.
+            give_back(q, popped - used);
+            if used == 0 {
+                // Nothing to send after all.
+                return false;
             }
         }
         false
@@ -438,6 +537,17 @@ impl<B: Backend> DeviceCore<B> {
             self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             let _ = self.interrupt.signal_used(queues);
         }
+    }
+}
+
+/// RX buffers one fill may use: 16 of the 4 KiB buffers Linux posts hold 64 KiB, the most one
+/// packet may carry, in one `readv`.
+pub const RX_BATCH: usize = 16;
+
+/// Returns the last `n` buffers taken from the available ring of `q` to it, unused.
+fn give_back(q: &mut Queue, n: usize) {
+    for _ in 0..n {
+        q.go_to_previous_position();
     }
 }
 

@@ -4,11 +4,16 @@
 
 pub mod core;
 pub mod guest_warn;
+pub mod lifecycle;
 pub mod poller;
 pub mod subscriber;
 pub mod virtio;
 pub mod vsock;
 pub mod worker;
 
+pub use lifecycle::{
+    LifecycleError, ResetPolicy, RestoreError, SavedConn, VsockState, STATE_VERSION,
+    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+};
 pub use subscriber::VsockSubscriber;
 pub use vsock::{DeviceConfig, DeviceHandle, RunMode, VsockDevice, VIRTIO_VSOCK_F_SEQPACKET};

@@ -108,7 +108,7 @@ impl<B: Backend> MutEventSubscriber for VsockSubscriber<B> {
             // The device was reset: the core is gone.
             None => true,
             Some(core) => match core.run_once(0) {
-                Ok(Flow::Continue) => false,
+                Ok(Flow::Continue | Flow::Pause) => false,
                 Ok(Flow::Stop) => true,
                 Err(e) => {
                     log::error!("vsock device failed: {e}");

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 
-use super::core::{Control, ControlMsg, DeviceCore, DEFAULT_BUDGET};
+use super::core::{Control, ControlMsg, DeviceCore, DEFAULT_BUDGET, EVT};
+use super::lifecycle::{self, LifecycleError, ResetPolicy, RestoreError, SavedConn, VsockState};
 use super::subscriber::{SharedCore, VsockSubscriber};
 use super::virtio::{ActivateContext, ActivateError, FeatureError, VirtioDevice};
 use crate::csm::muxer::{ConnInfo, Muxer};
@@ -45,6 +46,10 @@ pub struct DeviceConfig {
     pub csm: CsmConfig,
     /// Where the device runs once activated.
     pub run: RunMode,
+    /// How long the device thread ([`RunMode::Thread`]) polls for work before it sleeps;
+    /// zero (the default) sleeps at once. A loop of the VMM's own ([`RunMode::External`])
+    /// decides for itself.
+    pub busy_poll: Duration,
 }
 
 /// Where an activated device runs.
@@ -69,6 +74,7 @@ impl DeviceConfig {
             budget: DEFAULT_BUDGET,
             csm: CsmConfig::default(),
             run: RunMode::Thread,
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -79,7 +85,7 @@ struct Running<B: Backend> {
 }
 
 enum Runner<B: Backend> {
-    Thread(JoinHandle<io::Result<B>>),
+    Thread(JoinHandle<io::Result<DeviceCore<B>>>),
     Shared(SharedCore<B>),
 }
 
@@ -129,6 +135,19 @@ pub struct VsockDevice<B: Backend + 'static> {
     counters: Arc<Counters>,
     published: Arc<Mutex<Option<Arc<Control>>>>,
     legacy_ok: bool,
+    /// A paused core: nothing runs it, so it touches neither guest memory nor the queues.
+    paused: Option<DeviceCore<B>>,
+    /// What a restored device does when it is activated.
+    restored: Option<Restored>,
+}
+
+/// What a restored device owes its guest on activation.
+struct Restored {
+    next_port: u32,
+    /// The saved connections, to reset one by one ([`ResetPolicy::ConnectionRst`]).
+    resets: Vec<SavedConn>,
+    /// Whether TRANSPORT_RESET is owed on the event queue.
+    event: bool,
 }
 
 impl<B: Backend + 'static> VsockDevice<B> {
@@ -155,7 +174,107 @@ impl<B: Backend + 'static> VsockDevice<B> {
             counters: Arc::new(Counters::default()),
             published: Arc::new(Mutex::new(None)),
             legacy_ok: false,
+            paused: None,
+            restored: None,
         }
+    }
+
+    /// A device restored from `state` (see `docs/snapshot.md`), configured by `cfg` and serving
+    /// its host side with a fresh `backend`, and the three queues the transport hands to
+    /// [`VirtioDevice::activate`] (and restores its queue registers from). The acked features
+    /// are the saved ones. `cfg.guest_cid` and the backend are the restorer's: a CID other
+    /// than the saved one is a CID change, and the backend's sockets (the hybrid socket path)
+    /// are whatever the restorer built it with, so a clone need not take the original's.
+    ///
+    /// On activation the device ends every saved connection by `policy`, and sends
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET when that is the policy, the CID changed, or the saved
+    /// device still owed one; RX is
+    /// then held back until the driver handled the event. TX is looked at without a kick, so a
+    /// kick lost in the save costs nothing. The state is checked first and refused with the
+    /// reason ([`RestoreError`]).
+    pub fn restore(
+        cfg: DeviceConfig,
+        backend: B,
+        state: &VsockState,
+        policy: ResetPolicy,
+    ) -> Result<(Self, Vec<Queue>), RestoreError> {
+        let mut dev = VsockDevice::new(cfg, backend);
+        let queues = lifecycle::check(state, &cfg, dev.avail_features(), dev.legacy_ok)?;
+        dev.acked = state.acked_features;
+        let event = policy == ResetPolicy::TransportReset
+            || state.guest_cid != cfg.guest_cid
+            || state.event_owed;
+        dev.restored = Some(Restored {
+            next_port: state.next_port,
+            resets: if event {
+                Vec::new()
+            } else {
+                state.connections.clone()
+            },
+            event,
+        });
+        Ok((dev, queues))
+    }
+
+    /// Pauses a running device: when this returns, the device touches neither guest memory
+    /// nor the queues, and raises no interrupt; host streams stay open, unread, and new host
+    /// connections wait in the backend. [`RunMode::Thread`]: the thread ends its wake-up and is
+    /// joined. [`RunMode::External`]: the core leaves its subscriber, which leaves the event
+    /// loop at its next event (add [`VsockDevice::subscriber`] again after
+    /// [`VsockDevice::resume`]).
+    pub fn pause(&mut self) -> Result<(), LifecycleError> {
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let r = self.running.take().ok_or(LifecycleError::NotRunning)?;
+        let core = match r.runner {
+            Runner::Thread(thread) => {
+                let _ = r.control.send(ControlMsg::Pause);
+                match thread.join() {
+                    Ok(Ok(core)) => Some(core),
+                    Ok(Err(e)) => return Err(LifecycleError::Thread(e.to_string())),
+                    Err(_) => return Err(LifecycleError::Thread("panicked".into())),
+                }
+            }
+            Runner::Shared(core) => core.lock().unwrap_or_else(|p| p.into_inner()).take(),
+        };
+        self.paused = Some(core.ok_or(LifecycleError::NotRunning)?);
+        Ok(())
+    }
+
+    /// Whether the device is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Runs a paused device again, where it stopped; it first looks at every queue once.
+    pub fn resume(&mut self) -> Result<(), LifecycleError> {
+        let mut core = self.paused.take().ok_or(LifecycleError::NotPaused)?;
+        core.resumed()
+            .map_err(|e| LifecycleError::Start(e.to_string()))?;
+        let control = core.control();
+        self.start(core, control)
+            .map_err(|e| LifecycleError::Start(e.to_string()))
+    }
+
+    /// The state of a paused device, to restore it ([`VsockDevice::restore`]) here or in a
+    /// clone. The device stays paused, its connections open: resumed, it goes on as before.
+    pub fn save(&self) -> Result<VsockState, LifecycleError> {
+        let core = self.paused.as_ref().ok_or(LifecycleError::NotPaused)?;
+        Ok(core.save(self.acked))
+    }
+
+    fn start(&mut self, core: DeviceCore<B>, control: Arc<Control>) -> io::Result<()> {
+        let busy_poll = self.cfg.busy_poll;
+        let runner = match self.cfg.run {
+            RunMode::Thread => Runner::Thread(
+                std::thread::Builder::new()
+                    .name(format!("vsock-{}", self.cfg.guest_cid))
+                    .spawn(move || super::worker::run(core, busy_poll))?,
+            ),
+            RunMode::External => Runner::Shared(Arc::new(Mutex::new(Some(core)))),
+        };
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(control.clone());
+        self.running = Some(Running { control, runner });
+        Ok(())
     }
 
     /// The device's counters.
@@ -205,6 +324,9 @@ impl<B: Backend + 'static> VsockDevice<B> {
 
     fn stop(&mut self) {
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(core) = self.paused.take() {
+            self.backend = Some(core.into_backend());
+        }
         let Some(r) = self.running.take() else {
             return;
         };
@@ -212,7 +334,7 @@ impl<B: Backend + 'static> VsockDevice<B> {
             Runner::Thread(thread) => {
                 let _ = r.control.send(ControlMsg::Stop);
                 match thread.join() {
-                    Ok(Ok(backend)) => self.backend = Some(backend),
+                    Ok(Ok(core)) => self.backend = Some(core.into_backend()),
                     Ok(Err(e)) => log::error!("vsock device thread failed: {e}"),
                     Err(_) => log::error!("vsock device thread panicked"),
                 }
@@ -276,7 +398,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.running.is_some() {
+        if self.running.is_some() || self.paused.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
         if !self.version_ok(self.acked) {
@@ -300,6 +422,11 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
             }
             q.set_event_idx(event_idx);
         }
+        let event_owed = self.restored.as_ref().is_some_and(|r| r.event);
+        if event_owed && !queues[EVT].ready() {
+            // TRANSPORT_RESET is owed and there is no event queue to carry it.
+            return Err(ActivateError::InvalidQueue(EVT));
+        }
         let backend = self.backend.take().ok_or(ActivateError::AlreadyActive)?;
         let control = match Control::new() {
             Ok(c) => Arc::new(c),
@@ -319,7 +446,7 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
             backend,
             self.counters.clone(),
         );
-        let core = DeviceCore::new(
+        let mut core = DeviceCore::new(
             ctx.mem,
             queues,
             ctx.kicks,
@@ -330,23 +457,16 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
             self.cfg.budget,
         )
         .map_err(ActivateError::Worker)?;
-        let runner = match self.cfg.run {
-            RunMode::Thread => Runner::Thread(
-                std::thread::Builder::new()
-                    .name(format!("vsock-{}", self.cfg.guest_cid))
-                    .spawn(move || super::worker::run(core))
-                    .map_err(ActivateError::Worker)?,
-            ),
-            RunMode::External => Runner::Shared(Arc::new(Mutex::new(Some(core)))),
-        };
-        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(control.clone());
-        self.running = Some(Running { control, runner });
-        Ok(())
+        if let Some(r) = self.restored.take() {
+            core.restart(r.next_port, &r.resets, r.event);
+        }
+        self.start(core, control).map_err(ActivateError::Worker)
     }
 
     fn reset(&mut self) -> bool {
         self.stop();
         self.acked = 0;
+        self.restored = None;
         self.backend.is_some()
     }
 }

@@ -18,6 +18,7 @@ pub(crate) mod backend;
 mod drive;
 mod guards;
 mod kick;
+mod lifecycle;
 mod memory;
 mod queue;
 mod rx;

@@ -277,7 +277,7 @@ impl<B: Backend + 'static> State<B> {
     /// Runs one round of the device's work (nothing waits: the worker's epoll said it is due).
     fn run(&mut self) {
         match self.device.with_core(|c| c.run_once(0)) {
-            None | Some(Ok(Flow::Continue)) => {}
+            None | Some(Ok(Flow::Continue | Flow::Pause)) => {}
             Some(Ok(Flow::Stop)) => self.stop("stopped"),
             Some(Err(e)) => {
                 log::error!("vhost-user: the device failed: {e}");

@@ -108,6 +108,7 @@ impl RouterParts {
         device.csm.buf_alloc = cfg.buffer_size;
         device.csm.request_timeout = cfg.request_timeout;
         device.csm.connect_timeout = cfg.connect_timeout;
+        device.busy_poll = cfg.busy_poll;
         let stats = router.stats();
         let ns_mode = router.ns_mode();
         Ok(RouterParts {

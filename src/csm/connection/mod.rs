@@ -25,6 +25,8 @@ pub mod pending;
 mod rx;
 mod seq;
 
+pub(crate) use self::rx::fill_first;
+
 use std::io;
 use std::time::Instant;
 

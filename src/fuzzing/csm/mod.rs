@@ -25,7 +25,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 mod rx;
 
-use self::rx::{fill_rx, fill_rx_with};
+use self::rx::{fill_rx, fill_rx_many, fill_rx_with};
 use super::Input;
 use crate::csm::connection::{Addr, Connection, CsmConfig, KillReason, State};
 use crate::stream::Readiness;
@@ -238,7 +238,8 @@ pub fn csm(data: &[u8]) {
             let before = conn.state();
             match inp.u8() % 12 {
                 0 | 1 => guest_packet(&mut inp, mem, &mut conn, &mut b, now),
-                2 | 3 => fill_rx(&mut inp, mem, &mut conn, &mut b, now),
+                2 => fill_rx(&mut inp, mem, &mut conn, &mut b, now),
+                3 => fill_rx_many(&mut inp, mem, &mut conn, &mut b, now),
                 4 => {
                     let bits = inp.u8();
                     let r = if bits & 8 != 0 {

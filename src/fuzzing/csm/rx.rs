@@ -47,13 +47,73 @@ pub(super) fn fill_rx_with(
     mem.write_slice(&[0xeeu8; HEADER_LEN], GuestAddress(RX_BUF))
         .unwrap();
     let was = conn.state();
-    let credit = b.g_buf_alloc.saturating_sub((b.dev_tx - b.g_fwd_cnt).0);
     let Some(used) = conn.fill_rx(mem, &chain, now) else {
         return false;
     };
+    check_packet(mem, conn, b, was, &chain, used, total);
+    true
+}
+
+/// RX buffers one batch offers at most (each one descriptor of its own table, 0x2000 apart).
+const BATCH: usize = 4;
+
+/// Offers 2 to [`BATCH`] RX buffers of fuzzed sizes at once (`Connection::fill_rx_many`): each
+/// packet it writes must pass every check of a single one, in order, and a batch of more than
+/// one packet carries stream bytes only.
+pub(super) fn fill_rx_many(
+    inp: &mut Input,
+    mem: &GuestMemory,
+    conn: &mut Connection<UnixStream>,
+    b: &mut Books,
+    now: Instant,
+) {
+    let n = 2 + usize::from(inp.u8()) % (BATCH - 1);
+    let chains: Vec<_> = (0..n)
+        .map(|i| {
+            let room = match inp.u8() % 3 {
+                0 => u64::from(inp.u16() % 64),
+                1 => 4096,
+                _ => u64::from(inp.u16() % 0x1f00),
+            };
+            let (table, base) = (RX_TABLE + 0x100 * i as u64, RX_BUF + 0x2000 * i as u64);
+            let total = HEADER_LEN as u64 + room;
+            let cut = [u64::from(inp.u16()) % total];
+            let chain = build_chain(mem, table, base, total, &cut, true);
+            mem.write_slice(&[0xeeu8; HEADER_LEN], GuestAddress(base))
+                .unwrap();
+            (chain, total)
+        })
+        .collect();
+    let only: Vec<_> = chains.iter().map(|(c, _)| c.clone()).collect();
+    let mut lens = [0u32; BATCH];
+    let was = conn.state();
+    let used = conn.fill_rx_many(mem, &only, &mut lens, now);
+    assert!(used <= n, "{used} buffers used of {n}");
+    for ((chain, total), &len) in chains.iter().zip(&lens).take(used) {
+        let h = check_packet(mem, conn, b, was, chain, len, *total);
+        assert!(
+            used == 1 || h.op == op::RW,
+            "op {} in a batch of {used}",
+            h.op
+        );
+    }
+}
+
+/// Checks the packet of `used` bytes the connection wrote into `chain` (of `total` bytes), in
+/// state `was` before, and books it; returns its header.
+fn check_packet(
+    mem: &GuestMemory,
+    conn: &Connection<UnixStream>,
+    b: &mut Books,
+    was: State,
+    chain: &crate::vq::Chain,
+    used: u32,
+    total: u64,
+) -> Header {
+    let credit = b.g_buf_alloc.saturating_sub((b.dev_tx - b.g_fwd_cnt).0);
     b.packets_out += 1;
     let mut raw = [0u8; HEADER_LEN];
-    mem.read_slice(&mut raw, GuestAddress(RX_BUF)).unwrap();
+    assert_eq!(chain.read_at(mem, 0, &mut raw), HEADER_LEN);
     let h = Header::decode(&raw);
     assert_eq!(
         used as usize,
@@ -116,5 +176,5 @@ pub(super) fn fill_rx_with(
     if conn.state() == State::Killed && h.op == op::RST {
         assert!(conn.is_done(), "killed connection not done after its RST");
     }
-    true
+    h
 }

@@ -62,6 +62,8 @@ OPTIONS:
                                       connection, 10 to 600000 (default 2000)
                              connect_timeout_ms  time a host-side connect (a sibling's answer
                                       included) may take, 10 to 600000 (default 2000)
+                             busy_poll_us  the device thread polls this long before it sleeps,
+                                      0 to 10000 (default 0, off; costs a CPU while it polls)
                            Example: --vsock cid=3,socket=/tmp/vm3.vsock,uplink=unix:/tmp/up,fallback=0
     --api-socket PATH      Serve the REST API (HTTP/1.1, JSON) on this Unix socket (mode 0600).
                            Example: --api-socket /tmp/vm3.api
