@@ -28,7 +28,7 @@ use crate::snapshot::Snapshot;
 use crate::vm::pause::PauseControl;
 use crate::vm::vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuStop};
 use crate::vm::Vm;
-use crate::vsock::{build_vsock, VsockParts};
+use crate::vsock::{build_vsock, restore_vsock, VsockParts};
 
 /// A setup failure and its exit status.
 #[derive(Debug)]
@@ -88,6 +88,7 @@ struct Prepared {
     vm: Vm,
     vcpus: Vec<Vcpu>,
     control: Option<Arc<dyn api::VsockControl>>,
+    vsock_config: Option<String>,
     api_listener: ApiListener,
     signals: TerminationSignals,
 }
@@ -140,6 +141,7 @@ pub fn run(config: &VmConfig) -> Result<i32, Failure> {
         vm,
         vcpus,
         control,
+        vsock_config: config.vsock.clone(),
         api_listener,
         signals,
     })
@@ -158,6 +160,23 @@ pub fn restore(config: &RestoreConfig) -> Result<i32, Failure> {
             )));
         }
     }
+    // The vsock device: the saved configuration, or the restorer's (another CID or socket).
+    let vsock_config =
+        match (&snapshot.vsock, &config.vsock) {
+            (None, Some(_)) => return Err(usage(
+                "--vsock: the snapshot has no vsock device (a restored guest keeps the devices \
+                 it booted with)"
+                    .into(),
+            )),
+            (None, None) => None,
+            (Some(saved), given) => Some(given.clone().unwrap_or_else(|| saved.config.clone())),
+        };
+    let vsock = match (&snapshot.vsock, &vsock_config) {
+        (Some(saved), Some(raw)) => {
+            Some(restore_vsock(raw, saved.device.as_ref()).map_err(|e| usage(e.to_string()))?)
+        }
+        _ => None,
+    };
     let api_listener = bind_api(config.api_socket.as_deref())?;
     let serial_out = open_serial(&config.serial)?;
     let signals = TerminationSignals::block()
@@ -171,9 +190,25 @@ pub fn restore(config: &RestoreConfig) -> Result<i32, Failure> {
     let serial_state = (&snapshot.serial).into();
     vm.add_serial_from(serial_out, Some(&serial_state))
         .map_err(vm_err)?;
+    let mut control = None;
+    let mut restored_transport = None;
+    if let (Some(saved), Some((parts, queues))) = (&snapshot.vsock, vsock) {
+        let transport = vm.add_virtio(parts.device).map_err(vm_err)?;
+        restored_transport = Some((transport, &saved.transport, queues));
+        control = Some(parts.control);
+    }
     let vcpus = vm
         .restore_vcpus(&snapshot.vcpus, &snapshot.vm)
         .map_err(vm_err)?;
+    // The device starts after the irqchip is restored, so that its first interrupt (the
+    // TRANSPORT_RESET event) is not overwritten by the saved irqchip state.
+    if let Some((transport, state, queues)) = restored_transport {
+        transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(state, queues)
+            .map_err(|e| fatal(format!("restore: {e}")))?;
+    }
     info!(
         "restored {} vCPU(s) and {} bytes of RAM from {}",
         vcpus.len(),
@@ -183,7 +218,8 @@ pub fn restore(config: &RestoreConfig) -> Result<i32, Failure> {
     serve(Prepared {
         vm,
         vcpus,
-        control: None,
+        control,
+        vsock_config,
         api_listener,
         signals,
     })
@@ -195,6 +231,7 @@ fn serve(prepared: Prepared) -> Result<i32, Failure> {
         vm,
         mut vcpus,
         control,
+        vsock_config,
         api_listener,
         signals,
     } = prepared;
@@ -211,7 +248,7 @@ fn serve(prepared: Prepared) -> Result<i32, Failure> {
         Some((listener, guard)) => {
             let exit = exit.clone();
             let lifecycle: Arc<dyn VmLifecycle> =
-                Arc::new(VmmLifecycle::new(vm.clone(), pause.clone()));
+                Arc::new(VmmLifecycle::new(vm.clone(), pause.clone(), vsock_config));
             api::server::spawn_with_lifecycle(
                 listener,
                 ApiContext {

@@ -177,10 +177,19 @@ fn counter_and_memory_survive_snapshot_and_restore_in_a_fresh_process() {
     std::thread::sleep(Duration::from_millis(300));
     // Through the CLI client, as an operator would.
     let out = Command::new(BIN)
-        .args(["remote", "--api-socket", first.api.to_str().unwrap(), "pause"])
+        .args([
+            "remote",
+            "--api-socket",
+            first.api.to_str().unwrap(),
+            "pause",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(first.put("/api/v1/vm.pause", None).status, 409);
     let r = first.snapshot(&snap1);
     assert_eq!(r.status, 204, "{}", r.body);
@@ -192,8 +201,14 @@ fn counter_and_memory_survive_snapshot_and_restore_in_a_fresh_process() {
     let (c0, rax0, rip0, mem0) = counter_state(&snap1);
     assert!(c0 > 0, "the guest has not counted");
     // Paused between `inc` and the store, or after the store.
-    assert!(rax0 == u64::from(c0) || rax0 == u64::from(c0) + 1, "{rax0} vs {c0}");
-    assert!((u64::from(LOAD)..u64::from(LOAD) + 64).contains(&rip0), "rip {rip0:#x}");
+    assert!(
+        rax0 == u64::from(c0) || rax0 == u64::from(c0) + 1,
+        "{rax0} vs {c0}"
+    );
+    assert!(
+        (u64::from(LOAD)..u64::from(LOAD) + 64).contains(&rip0),
+        "rip {rip0:#x}"
+    );
     assert_eq!(word_at(&mem0, MARK), MARK_VALUE);
 
     // Paused means paused: a second snapshot after a while shows the same counter.
@@ -219,13 +234,22 @@ fn counter_and_memory_survive_snapshot_and_restore_in_a_fresh_process() {
     let (c2, rax2, rip2, mem2) = counter_state(&snap2);
     eprintln!("counter {c0} (rax {rax0}) at the snapshot, {c2} (rax {rax2}) after the restore");
     assert!(c2 > c0, "the counter did not continue: {c2} after {c0}");
-    assert!(rax2 == u64::from(c2) || rax2 == u64::from(c2) + 1, "{rax2} vs {c2}");
-    assert!((u64::from(LOAD)..u64::from(LOAD) + 64).contains(&rip2), "rip {rip2:#x}");
+    assert!(
+        rax2 == u64::from(c2) || rax2 == u64::from(c2) + 1,
+        "{rax2} vs {c2}"
+    );
+    assert!(
+        (u64::from(LOAD)..u64::from(LOAD) + 64).contains(&rip2),
+        "rip {rip2:#x}"
+    );
     // Everything but the counter is as saved (the guest writes nothing else).
     let c = COUNTER as usize;
     assert_eq!(mem2.len(), mem0.len());
     assert!(mem2[..c] == mem0[..c], "memory below the counter changed");
-    assert!(mem2[c + 4..] == mem0[c + 4..], "memory above the counter changed");
+    assert!(
+        mem2[c + 4..] == mem0[c + 4..],
+        "memory above the counter changed"
+    );
     // The restored snapshot itself was not changed by the run.
     assert_eq!(std::fs::read(snap1.join(MEMORY_FILE)).unwrap(), mem0);
 }
@@ -246,13 +270,25 @@ fn restore_refuses_another_memory_size_and_bad_state_files() {
     vmm.shutdown();
 
     let refused = |dir: &Path, extra: &[&str], expect: &str| {
-        let mut v = Vmm::spawn(&restore_args(dir, &scratch.path("r.sock"), extra), api.clone());
+        let mut v = Vmm::spawn(
+            &restore_args(dir, &scratch.path("r.sock"), extra),
+            api.clone(),
+        );
         let (status, err) = v.wait(Duration::from_secs(20)).expect("did not exit");
         assert_eq!(status.code(), Some(2), "{expect}: {err}");
         assert!(err.contains(expect), "expected `{expect}` in: {err}");
         assert!(!err.contains("panicked"), "{err}");
     };
-    refused(&good, &["--memory", "size=64M"], "differs from the snapshot's");
+    refused(
+        &good,
+        &["--memory", "size=64M"],
+        "differs from the snapshot's",
+    );
+    refused(
+        &good,
+        &["--vsock", "cid=3,socket=/nonexistent/v.sock,uplink=none"],
+        "the snapshot has no vsock device",
+    );
 
     let copy = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let dir = scratch.path(name);
@@ -290,30 +326,70 @@ fn restore_refuses_another_memory_size_and_bad_state_files() {
     refused(&scratch.path("missing"), &[], "state.json");
 }
 
-/// A VM with a vsock device can be paused, but its snapshot is refused: the device's state
-/// cannot be saved yet, and nothing is written.
+/// A VM with a vsock device (here one its guest never started): the snapshot holds the
+/// `--vsock` value and the transport registers. A restore beside the running original cannot
+/// take its socket; one with `--vsock` (another CID and socket) runs beside it; once the
+/// original is gone, a restore without `--vsock` takes the saved configuration.
 #[test]
-fn snapshot_with_a_vsock_device_is_refused() {
-    if !kvm_available("snapshot_with_a_vsock_device_is_refused") {
+fn a_vsock_device_is_saved_and_restored_with_its_configuration_or_an_override() {
+    if !kvm_available("a_vsock_device_is_saved_and_restored_with_its_configuration_or_an_override")
+    {
         return;
     }
     let scratch = Scratch::new("snap-vsock");
     let api = scratch.path("api.sock");
     let mut a = boot_args(&scratch, &api);
-    let vsock = format!(
-        "cid=3,socket={},uplink=none",
-        scratch.path("v.sock").display()
-    );
+    let original = scratch.path("v.sock");
+    let vsock = format!("cid=3,socket={},uplink=none", original.display());
     a.extend(args(&["--vsock", &vsock]));
     let mut vmm = Vmm::started(&a, api);
     assert_eq!(vmm.put("/api/v1/vm.pause", None).status, 204);
     let dir = scratch.path("snap");
     let r = vmm.snapshot(&dir);
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("vsock device is not supported yet"), "{}", r.body);
-    assert!(!dir.join(STATE_FILE).exists());
+    assert_eq!(r.status, 204, "{}", r.body);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE)).unwrap()).unwrap();
+    assert_eq!(state["vsock"]["config"], vsock.as_str());
+    assert_eq!(state["vsock"]["transport"]["device_type"], 19);
+    assert_eq!(state["vsock"]["transport"]["activated"], false);
+    assert_eq!(state["vsock"]["device"], serde_json::Value::Null);
     assert_eq!(vmm.put("/api/v1/vm.resume", None).status, 204);
-    let r = vmm.put("/api/v1/vm.snapshot", Some(r#"{"destination": "relative"}"#));
+    let r = vmm.put(
+        "/api/v1/vm.snapshot",
+        Some(r#"{"destination": "relative"}"#),
+    );
     assert_eq!(r.status, 400, "{}", r.body);
+
+    // The original still holds its socket: a restore of the same configuration is refused.
+    let api2 = scratch.path("api2.sock");
+    let mut same = Vmm::spawn(&restore_args(&dir, &api2, &[]), api2.clone());
+    let (status, err) = same.wait(Duration::from_secs(20)).expect("did not exit");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains(original.to_str().unwrap()), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // With an override it runs beside the original, on its own CID and socket.
+    let clone_sock = scratch.path("clone.sock");
+    let over = format!("cid=7,socket={},uplink=none", clone_sock.display());
+    let mut clone = Vmm::started(
+        &restore_args(&dir, &api2, &["--vsock", &over]),
+        api2.clone(),
+    );
+    assert!(clone_sock.exists());
+    let info = client::request(&api2, "GET", "/api/v1/vsock", None).unwrap();
+    assert_eq!(info.json().unwrap()["cid"], 7, "{}", info.body);
+    clone.shutdown();
+    assert!(
+        !clone_sock.exists(),
+        "the clone's socket is removed at exit"
+    );
     vmm.shutdown();
+    assert!(!original.exists());
+
+    // The original gone, the saved configuration is taken again.
+    let mut again = Vmm::started(&restore_args(&dir, &api2, &[]), api2.clone());
+    assert!(original.exists());
+    let info = client::request(&api2, "GET", "/api/v1/vsock", None).unwrap();
+    assert_eq!(info.json().unwrap()["cid"], 3, "{}", info.body);
+    again.shutdown();
 }

@@ -15,6 +15,9 @@ pub struct RestoreConfig {
     pub serial: SerialMode,
     /// The API socket path.
     pub api_socket: Option<PathBuf>,
+    /// `--vsock`, if given: the vsock device's configuration instead of the saved one (another
+    /// CID, another hybrid socket: a clone beside the original).
+    pub vsock: Option<String>,
     /// The log level.
     pub log_level: log::LevelFilter,
     /// `--log-format`.
@@ -31,8 +34,8 @@ pub(super) struct Common {
     pub(super) log_format: crate::logger::LogFormat,
 }
 
-/// `--restore DIR` with the other options: the boot options (name, given) and `--vsock` are
-/// refused.
+/// `--restore DIR` with the other options: the boot options (name, given) are refused;
+/// `--vsock` replaces the saved vsock configuration (checked against the snapshot when read).
 pub(super) fn config(
     dir: &str,
     boot_options: &[(&str, bool)],
@@ -46,20 +49,12 @@ pub(super) fn config(
             reason: "not allowed with --restore: the snapshot holds the booted guest".into(),
         });
     }
-    if let Some(v) = vsock {
-        return Err(CliError::InvalidValue {
-            option: "--vsock".into(),
-            value: v,
-            reason: "not allowed with --restore: a snapshot holds no vsock device yet \
-                     (see docs/snapshot-vmm.md)"
-                .into(),
-        });
-    }
     Ok(RestoreConfig {
         dir: non_empty_path("--restore", dir)?,
         memory_bytes: common.memory,
         serial: common.serial,
         api_socket: common.api_socket,
+        vsock,
         log_level: common.log_level,
         log_format: common.log_format,
     })
@@ -116,8 +111,12 @@ mod tests {
             let e = err(&["--restore", "/s", opt[0], opt[1]]);
             assert!(e.starts_with(opt[0]) && e.contains("--restore"), "{e}");
         }
-        let e = err(&["--restore", "/s", "--vsock", "cid=3,socket=/v,uplink=none"]);
-        assert!(e.contains("no vsock device yet"), "{e}");
+        let Ok(Command::Restore(c)) =
+            parse_args(&["--restore", "/s", "--vsock", "cid=7,socket=/v,uplink=none"])
+        else {
+            panic!("not a restore");
+        };
+        assert_eq!(c.vsock.as_deref(), Some("cid=7,socket=/v,uplink=none"));
         assert!(err(&["--restore"]).contains("missing value"));
         assert!(err(&["--restore", ""]).contains("--restore"));
     }

@@ -2,8 +2,9 @@
 //!
 //! A snapshot is a directory with two files:
 //! - `state.json`: [`Snapshot`], versioned ([`FORMAT_VERSION`]): the vCPUs ([`cpu`]), the
-//!   in-kernel irqchip, PIT and clock ([`vm`]), the serial UART, the memory size, and a slot for
-//!   the vsock device (`vsock`, always `null` for now: see `docs/snapshot-vmm.md`);
+//!   in-kernel irqchip, PIT and clock ([`vm`]), the serial UART, the memory size, and the vsock
+//!   device ([`VsockSnapshot`]: its `--vsock` value, virtio-mmio registers and device state;
+//!   `null` for a VM without one);
 //! - `memory`: guest RAM, raw, from guest address 0 (read back into fresh anonymous memory on
 //!   restore, so the snapshot stays unchanged).
 //!
@@ -21,6 +22,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vsock_router::device::virtio::GuestMemory;
+use vsock_router::device::VsockState;
+
+use crate::transport::MmioState;
 
 pub use cpu::VcpuState;
 pub use vm::{SerialSnapshot, VmState};
@@ -92,8 +96,20 @@ pub struct Snapshot {
     pub vm: VmState,
     /// The COM1 UART.
     pub serial: SerialSnapshot,
-    /// The vsock device's state: `null` (a VM with a vsock device is refused for now).
-    pub vsock: Option<serde_json::Value>,
+    /// The vsock device, `null` for a VM without one.
+    pub vsock: Option<VsockSnapshot>,
+}
+
+/// The vsock device of a snapshot: how it was configured, its transport and its own state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSnapshot {
+    /// The `--vsock` value it ran with: a restore without `--vsock` uses it again.
+    pub config: String,
+    /// The virtio-mmio registers.
+    pub transport: MmioState,
+    /// The device's state (`VsockDevice::save`); `null` when the driver had not started it.
+    pub device: Option<VsockState>,
 }
 
 impl Snapshot {
@@ -130,11 +146,18 @@ impl Snapshot {
                 bad.1.id, bad.0
             )));
         }
-        if self.vsock.is_some() {
-            return Err(SnapshotError::Unsupported(
-                "the snapshot holds vsock device state, which this vsock-vmm cannot restore yet"
-                    .into(),
-            ));
+        if let Some(v) = &self.vsock {
+            if v.transport.activated != v.device.is_some() {
+                return Err(SnapshotError::Invalid(format!(
+                    "the vsock transport says activated={} but the device state is {}",
+                    v.transport.activated,
+                    if v.device.is_some() {
+                        "there"
+                    } else {
+                        "missing"
+                    }
+                )));
+            }
         }
         Ok(())
     }
