@@ -25,7 +25,7 @@ vsock-vmm: a small rust-vmm VMM with the vsock-router virtio-vsock device
 
 USAGE:
     vsock-vmm --kernel PATH [OPTIONS]
-    vsock-vmm --restore DIR [--memory size=SIZE] [--serial ...] [--api-socket PATH] [--log-...]
+    vsock-vmm --restore DIR [--vsock ...] [--memory size=SIZE] [--serial ...] [--api-socket PATH]
     vsock-vmm remote --api-socket PATH <ping|info|fallback on|off|connections|metrics|shutdown|
                                         pause|resume|snapshot DIR>
 
@@ -74,11 +74,14 @@ OPTIONS:
                            bytes, duration, ...).
                            Example: --log-format json
     --restore DIR          Resume the VM saved in DIR by PUT /api/v1/vm.snapshot (guest RAM,
-                           vCPUs, irqchip, PIT, clock, serial): the guest continues where it
-                           was paused. Refused with --kernel, --initramfs, --cmdline, --cpus
-                           (they are in the snapshot) and --vsock (a snapshot holds no vsock
-                           device yet); --memory, if given, must match the snapshot's.
-                           Example: --restore /var/lib/vsock/snap1
+                           vCPUs, irqchip, PIT, clock, serial, vsock device): the guest
+                           continues where it was paused; its vsock connections are reset
+                           (TRANSPORT_RESET), its listeners stay. Refused with --kernel,
+                           --initramfs, --cmdline, --cpus (they are in the snapshot); --memory,
+                           if given, must match the snapshot's. --vsock, if given, replaces the
+                           saved vsock configuration: a clone with another CID and socket runs
+                           beside the original (the guest reads its new CID).
+                           Example: --restore /var/lib/vsock/snap1 --vsock cid=7,socket=/run/c7.vsock
     -h, --help             Print this help.
     -V, --version          Print the version.
 

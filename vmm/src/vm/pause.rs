@@ -179,7 +179,7 @@ impl PauseControl {
     }
 
     /// Called by vCPU `id`'s thread: records its state and waits until resumed, closed, or
-    /// `still_running()` turns false (checked every [`KICK_INTERVAL`]).
+    /// `still_running()` turns false (checked every 10 ms).
     pub fn park(&self, id: u8, state: Result<VcpuState, String>, still_running: impl Fn() -> bool) {
         let mut inner = self.lock();
         if !inner.requested {
