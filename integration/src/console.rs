@@ -5,6 +5,8 @@
 //! - `VRTEST-INFO <name> <value>`: a measurement or note, never a verdict
 //! - `VRTEST-BOOT <which> [...]`: printed by `/init` once user space runs
 //! - `VRTEST-DONE rc=<n>`: the scenario finished with exit code `n`
+//! - `VRTEST-ALIVE uptime_ms=<n>`: the KVM host's heartbeat, printed by its `/init` every
+//!   [`HEARTBEAT_SECS`] while the scenario runs, never a verdict
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +43,12 @@ pub struct CheckResult {
     pub detail: String,
 }
 
+/// How often the KVM host's `/init` prints [`HEARTBEAT`] (`integration/images/rootfs/host-init`).
+pub const HEARTBEAT_SECS: u64 = 30;
+
+/// The KVM host's heartbeat line.
+pub const HEARTBEAT: &str = "VRTEST-ALIVE";
+
 /// Everything the harness understood from a console log.
 #[derive(Clone, Debug, Default)]
 pub struct ConsoleReport {
@@ -56,6 +64,8 @@ pub struct ConsoleReport {
     pub done_rc: Option<i32>,
     /// Lines that start with `VRTEST` but could not be parsed.
     pub malformed: Vec<String>,
+    /// [`HEARTBEAT`] lines seen.
+    pub heartbeats: usize,
 }
 
 impl ConsoleReport {
@@ -143,6 +153,7 @@ pub fn parse_console(text: &str) -> ConsoleReport {
                 None => report.malformed.push(line.to_string()),
             },
             "VRTEST-BOOT" => report.boots.push(rest.to_string()),
+            HEARTBEAT => report.heartbeats += 1,
             "VRTEST-DONE" => match rest.strip_prefix("rc=").and_then(|v| v.trim().parse().ok()) {
                 Some(rc) => report.done_rc = Some(rc),
                 None => {
@@ -300,6 +311,7 @@ mod tests {
         VRTEST host-modules-kvm PASS irqbypass.ko ccp.ko\r\n\
         VRTEST dev-kvm PASS \r\n\
         VRTEST-INFO boot-ms 790\n\
+        VRTEST-ALIVE uptime_ms=31000\r\n\
         VRTEST x SKIP not here\n\
         VRTEST x FAIL second x\n\
         inner: VRTEST not-a-result PASS\n\
@@ -319,6 +331,7 @@ mod tests {
         assert_eq!(r.boots, vec!["kvm-host uptime_ms=1450".to_string()]);
         assert_eq!(r.done_rc, Some(0));
         assert!(r.malformed.is_empty());
+        assert_eq!(r.heartbeats, 1);
         assert_eq!(r.order, ["host-modules-kvm", "dev-kvm", "x", "x#2"]);
         assert_eq!(r.problems(&["dev-kvm"]), ["FAIL x#2: second x"]);
     }

@@ -33,6 +33,11 @@ const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// After a kernel fault shows on the console, how long the rest of its report may take to
 /// arrive before QEMU is killed.
 const FAULT_GRACE: Duration = Duration::from_secs(2);
+/// A KVM host whose console stays silent this long after its first heartbeat
+/// ([`crate::console::HEARTBEAT`], every 30 s) has hung: its kernel no longer runs the shell
+/// loop that prints it. Seen in a clean-clone CI run: the console stopped after the module
+/// loads while QEMU spun at 190 % CPU for 27 minutes, with no kernel message.
+const HEARTBEAT_SILENCE: Duration = Duration::from_secs(300);
 /// Where the guests find `vr-socat` (on their `PATH`).
 const HELPER_GUEST_PATH: &str = "vr/bin/vr-socat";
 
@@ -77,6 +82,7 @@ pub struct GuestRun {
     memory: String,
     smp: u32,
     timeout: Duration,
+    heartbeat_silence: Duration,
     workdir: Option<PathBuf>,
 }
 
@@ -103,6 +109,7 @@ impl GuestRun {
             memory: memory.to_string(),
             smp,
             timeout,
+            heartbeat_silence: HEARTBEAT_SILENCE,
             workdir: None,
         }
     }
@@ -220,6 +227,13 @@ impl GuestRun {
     /// (`vr.timeout=`) is set 10 s shorter so a hung scenario still reports.
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = limit;
+        self
+    }
+
+    /// How long the KVM host's console may stay silent after a heartbeat before the run ends
+    /// as the platform's fault (default 300 s; shorter only in the harness's own test).
+    pub fn heartbeat_silence(mut self, limit: Duration) -> Self {
+        self.heartbeat_silence = limit;
         self
     }
 
@@ -363,10 +377,14 @@ impl GuestRun {
             _tempdir: tempdir,
             started: Instant::now(),
             timeout: self.timeout,
+            heartbeat_silence: self.heartbeat_silence,
             // A machine run's "console" is its script's output, not a kernel's.
             detect_faults: self.kind != GuestKind::Machine,
             done_at: None,
             fault_at: None,
+            console_len: 0,
+            grew_at: Instant::now(),
+            silence: None,
             inner_vmlinux: artifacts.inner_vmlinux.clone(),
         }
     }
@@ -485,6 +503,13 @@ pub struct RunningVm {
     detect_faults: bool,
     done_at: Option<Instant>,
     fault_at: Option<Instant>,
+    /// The console's length at the last look, and when it last grew.
+    console_len: usize,
+    grew_at: Instant,
+    /// The limit of [`GuestRun::heartbeat_silence`].
+    heartbeat_silence: Duration,
+    /// Set when the console went silent past its heartbeat.
+    silence: Option<String>,
     /// The inner guests' kernel, to locate their triple faults.
     inner_vmlinux: PathBuf,
 }
@@ -585,6 +610,31 @@ impl RunningVm {
         let status = child.try_wait()?;
         let now = Instant::now();
         let console = self.console();
+        if console.len() != self.console_len {
+            self.console_len = console.len();
+            self.grew_at = now;
+        }
+        if self.detect_faults
+            && self.fault_at.is_none()
+            && self.done_at.is_none()
+            && now.duration_since(self.grew_at) > self.heartbeat_silence
+            && console.contains(crate::console::HEARTBEAT)
+        {
+            let line = format!(
+                "{}: the KVM host printed nothing for {} s, not even its heartbeat (every {} s): \
+                 its kernel hung",
+                self.name,
+                self.heartbeat_silence.as_secs(),
+                crate::console::HEARTBEAT_SECS
+            );
+            eprintln!(
+                "[vsock-integration] {}: the platform faulted after {:.1} s, ending the run: {line}",
+                self.name,
+                self.started.elapsed().as_secs_f64()
+            );
+            self.silence = Some(line);
+            self.fault_at = Some(now);
+        }
         if self.detect_faults && self.fault_at.is_none() {
             if let Some(first) = platform_fault_lines(&console).first() {
                 self.fault_at = Some(now);
@@ -603,9 +653,11 @@ impl RunningVm {
             }
             self.kill();
             let console = self.console();
+            let mut lines = platform_fault_lines(&console);
+            lines.extend(self.silence.clone());
             return Ok(Some(Err(HarnessError::PlatformFault {
                 name: self.name.clone(),
-                lines: platform_fault_lines(&console),
+                lines,
                 after: at.duration_since(self.started),
                 console,
                 qemu_log: read_lossy(&self.qemu_log_path),

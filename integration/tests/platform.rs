@@ -144,6 +144,37 @@ fn harness_reports_failures_with_the_console() {
     assert!(err.to_string().contains("---- serial console ----"));
 }
 
+/// A KVM host whose console goes silent after a heartbeat (here its scenario prints one, stops
+/// the real one and sleeps: what a hung kernel looks like from outside) is ended as the
+/// platform's fault, long before its time limit.
+#[test]
+fn a_silent_kvm_host_is_a_platform_fault() {
+    let Some(artifacts) = artifacts_or_skip("a_silent_kvm_host_is_a_platform_fault") else {
+        return;
+    };
+    let name = "a_silent_kvm_host_is_a_platform_fault";
+    let start = Instant::now();
+    let err = GuestRun::kvm_host(
+        "vr_pass before\necho 'VRTEST-ALIVE uptime_ms=0'\nkill \"$_heartbeat\"\nsleep 600\n",
+    )
+    .name(name)
+    .heartbeat_silence(Duration::from_secs(15))
+    .timeout(Duration::from_secs(300))
+    .spawn(artifacts)
+    .unwrap()
+    .wait()
+    .unwrap_err();
+    let HarnessError::PlatformFault { lines, console, .. } = &err else {
+        panic!("expected a platform fault, got {err}");
+    };
+    assert!(
+        lines.iter().any(|l| l.contains("printed nothing for 15 s")),
+        "{lines:?}"
+    );
+    assert!(console.contains("VRTEST before PASS"), "{console}");
+    assert!(start.elapsed() < Duration::from_secs(250), "{err}");
+}
+
 #[test]
 fn guest_watchdog_ends_a_hung_scenario() {
     let Some(artifacts) = artifacts_or_skip("guest_watchdog_ends_a_hung_scenario") else {

@@ -4,19 +4,20 @@
 //! The pieces live beside it: the slab with typed ids ([`super::table`]), the RX schedule with
 //! its bounded RST queue ([`super::rxq`]), the deadlines ([`super::timers`]) and the device-side
 //! ports ([`super::ports`]). Every change to a connection ends in `Muxer::after_change`, the
-//! one place that removes a finished connection, updates what its stream is watched for,
-//! queues it for RX and arms its timer. Watching goes through the [`Watch`] the caller passes
-//! (the device's epoll set), synchronously: fd numbers are reused as soon as a connection
-//! closes, so a deferred epoll change could land on another connection's socket.
+//! one place that removes a finished connection, notes that its stream may want other events,
+//! queues it for RX and arms its timer. The noted interests are applied once per wake-up
+//! ([`Muxer::flush_watch`], [`interest`]) through the [`Watch`] the caller passes (the device's
+//! epoll set).
 
-use std::io;
-use std::os::fd::RawFd;
+mod interest;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::conn::Conn;
-use super::connection::{Addr, Connection, CsmConfig, Interest, KillReason, Notify, State};
+use super::connection::{Addr, Connection, CsmConfig, Interest, State};
+pub use interest::Watch;
 use super::ports::Ports;
 use super::relay::Relay;
 use super::rxq::RxQueue;
@@ -36,14 +37,6 @@ use crate::wire::{op, sock_type, Header, HEADER_LEN};
 /// addresses is gone (see [`Muxer::handle_backend`]); more are refused.
 pub const PARKED_CAP: usize = 64;
 
-/// What watches the connections' host streams for readiness: the device's epoll set. The
-/// connection table tells it every change of what a stream wants, as it happens.
-pub trait Watch {
-    /// `fd` of connection `id` wants `new` instead of `old` (`None`: not watched; a `new` that
-    /// [`Interest::is_none`] means "stop watching"). An error kills the connection.
-    fn watch(&self, fd: RawFd, id: ConnId, old: Option<Interest>, new: Interest) -> io::Result<()>;
-}
-
 /// Who opened a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
@@ -58,6 +51,8 @@ struct Entry<S> {
     route: RouteInfo,
     origin: Origin,
     watched: Option<Interest>,
+    /// In `Muxer::noted`: its interest is compared at the end of the wake-up.
+    noted: bool,
     in_rxq: bool,
     armed: Option<Instant>,
     /// When the connection was opened (for its log line).
@@ -79,6 +74,8 @@ pub struct Muxer<B: Backend> {
     parked: Vec<(Addr, Incoming<B::Stream>, Instant)>,
     backend: B,
     counters: Arc<Counters>,
+    /// Connections whose interest may have changed in this wake-up ([`Muxer::flush_watch`]).
+    noted: Vec<ConnId>,
 }
 
 impl<B: Backend> Muxer<B> {
@@ -102,6 +99,7 @@ impl<B: Backend> Muxer<B> {
             parked: Vec::new(),
             backend,
             counters,
+            noted: Vec::new(),
         }
     }
 
@@ -281,6 +279,7 @@ impl<B: Backend> Muxer<B> {
                 route,
                 origin,
                 watched: None,
+                noted: false,
                 in_rxq: false,
                 armed: None,
                 opened: now,
@@ -525,16 +524,6 @@ impl<B: Backend> Muxer<B> {
             }
             return;
         }
-        let want = e.conn.interest();
-        if e.watched != Some(want) && !(e.watched.is_none() && want.is_none()) {
-            match w.watch(e.conn.fd(), id, e.watched, want) {
-                Ok(()) => e.watched = (!want.is_none()).then_some(want),
-                Err(_) => {
-                    e.conn.kill(KillReason::HostError, Notify::Rst);
-                    e.watched = None;
-                }
-            }
-        }
         if e.conn.has_pending_rx() && !e.in_rxq {
             e.in_rxq = true;
             self.rxq.push(id);
@@ -546,6 +535,7 @@ impl<B: Backend> Muxer<B> {
                 self.timers.arm(id, t);
             }
         }
+        self.note_interest(id);
     }
 
     /// Where the allocator of device-side ports searches next (for a save).

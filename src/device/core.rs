@@ -384,7 +384,8 @@ impl<B: Backend> DeviceCore<B> {
         );
         let rx_more = rx_open && self.process_rx(now);
         self.notify();
-        if self.tx_more || rx_more {
+        let reset = self.muxer.flush_watch(&self.poller, now);
+        if self.tx_more || rx_more || reset {
             self.again.write(1)?;
         }
         self.arm_timer(now)?;

@@ -131,7 +131,10 @@ impl<S: VsockStream> Connection<S> {
             return None;
         }
         let mut left = match self.stream.read_iov(&iov) {
-            Ok(n) if n > 0 => n as u32,
+            Ok(n) if n > 0 => {
+                self.read_short(n as u64, total);
+                n as u32
+            }
             // The stream's end or an error: the first buffer says so, if anything is owed.
             other => {
                 let h = match other {
@@ -225,11 +228,24 @@ impl<S: VsockStream> Connection<S> {
             chain.iovecs(mem, HEADER_LEN as u64, max as u64, &mut iov);
             match self.stream.read_iov(&iov) {
                 Ok(0) => return Some(self.host_ended(now, false)),
-                Ok(n) => n,
+                Ok(n) => {
+                    self.read_short(n as u64, max as u64);
+                    n
+                }
                 Err(e) => return self.read_failed(&e, now),
             }
         };
         Some(self.data_packet(n, 0))
+    }
+
+    /// After a read of `got` bytes where `asked` fitted: a stream socket returns less only when
+    /// it had no more, so the next read waits for the stream to be readable again (the epoll
+    /// set, level-triggered, says so at once if bytes came meanwhile) instead of costing a
+    /// system call that fails with `EAGAIN`.
+    fn read_short(&mut self, got: u64, asked: u64) {
+        if got < asked {
+            self.pending.remove(PendingRx::Rw);
+        }
     }
 
     /// What a failed read of the host stream (bytes or a message) means for the guest: nothing
@@ -403,9 +419,20 @@ mod tests {
         assert_eq!(lens[..9], [4096; 9]);
         assert_eq!(lens[9], 40_000 - 9 * 4096);
         assert_eq!(bytes, data);
-        // Drained: the next fill reads once more (EAGAIN) and uses nothing.
+        // The read was short, so the stream had no more: the next fill does not read (no
+        // `EAGAIN`) until the stream is readable again.
+        assert!(!c.has_pending_rx());
         assert_eq!(c.fill_rx_many(&mem, &chains, &mut [0; BUFS], now), 0);
-        assert_eq!(c.stream().1, 2);
+        assert_eq!(c.stream().1, 1);
+        c.on_stream_ready(
+            crate::stream::Readiness {
+                readable: true,
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(c.fill_rx_many(&mem, &chains, &mut [0; BUFS], now), 0);
+        assert_eq!(c.stream().1, 2, "read again once readable (EAGAIN here)");
     }
 
     #[test]
@@ -438,6 +465,15 @@ mod tests {
         let mut lens = [0u32; BUFS];
         assert_eq!(c.fill_rx_many(&mem, &chains, &mut lens, now), 1);
         assert_eq!(header_of(&mem, &chains[0]).len, 4);
+        // The end shows as readiness (EPOLLIN with EPOLLHUP), then the read of 0 bytes.
+        c.on_stream_ready(
+            crate::stream::Readiness {
+                readable: true,
+                hangup: true,
+                ..Default::default()
+            },
+            now,
+        );
         assert_eq!(c.fill_rx_many(&mem, &chains, &mut lens, now), 1);
         // The peer closed: it neither sends nor receives any more, as a kernel peer's close.
         let h = header_of(&mem, &chains[0]);
