@@ -64,7 +64,7 @@ pub struct ConsoleReport {
     pub done_rc: Option<i32>,
     /// Lines that start with `VRTEST` but could not be parsed.
     pub malformed: Vec<String>,
-    /// [`HEARTBEAT`] lines seen.
+    /// Heartbeat lines (`VRTEST-ALIVE`) seen.
     pub heartbeats: usize,
 }
 

@@ -6,7 +6,7 @@
 //! ports ([`super::ports`]). Every change to a connection ends in `Muxer::after_change`, the
 //! one place that removes a finished connection, notes that its stream may want other events,
 //! queues it for RX and arms its timer. The noted interests are applied once per wake-up
-//! ([`Muxer::flush_watch`], [`interest`]) through the [`Watch`] the caller passes (the device's
+//! ([`Muxer::flush_watch`], `muxer/interest.rs`) through the [`Watch`] the caller passes (the device's
 //! epoll set).
 
 mod interest;
@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use super::conn::Conn;
 use super::connection::{Addr, Connection, CsmConfig, Interest, State};
-pub use interest::Watch;
 use super::ports::Ports;
 use super::relay::Relay;
 use super::rxq::RxQueue;
@@ -32,6 +31,7 @@ use crate::stream::Readiness;
 use crate::vq::{Chain, GuestMemory};
 use crate::wire::line::ok_line;
 use crate::wire::{op, sock_type, Header, HEADER_LEN};
+pub use interest::Watch;
 
 /// Most host-initiated connections held back until an older connection with the same
 /// addresses is gone (see [`Muxer::handle_backend`]); more are refused.
