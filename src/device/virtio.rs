@@ -153,4 +153,12 @@ pub trait VirtioDevice: Send {
     /// Stops the device and returns it to its pre-activation state. Returns `true` when the
     /// device can be activated again.
     fn reset(&mut self) -> bool;
+
+    /// The device as [`Any`](std::any::Any), for a VMM that pauses, saves and restores the
+    /// devices it knows (it downcasts to the concrete type, e.g.
+    /// [`VsockDevice`](crate::device::VsockDevice)). `None` (the default): a device that
+    /// cannot be paused or saved.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }

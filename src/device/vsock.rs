@@ -397,6 +397,10 @@ impl<B: Backend + 'static> VirtioDevice for VsockDevice<B> {
         Counters::inc(&self.counters.config_writes);
     }
 
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if self.running.is_some() || self.paused.is_some() {
             return Err(ActivateError::AlreadyActive);

@@ -10,7 +10,9 @@ pub mod api;
 pub mod cli;
 pub mod devices;
 pub mod exit;
+pub mod lifecycle;
 pub mod logger;
+pub mod snapshot;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transport;

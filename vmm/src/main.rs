@@ -19,13 +19,11 @@ fn main() -> ExitCode {
         Ok(Command::Remote(remote)) => run_remote(&remote),
         Ok(Command::Run(config)) => {
             vsock_vmm::logger::init(config.log_level, config.log_format);
-            match vsock_vmm::vmm::run(&config) {
-                Ok(code) => code,
-                Err(failure) => {
-                    eprintln!("vsock-vmm: error: {}", failure.message);
-                    failure.code
-                }
-            }
+            finish(vsock_vmm::vmm::run(&config))
+        }
+        Ok(Command::Restore(config)) => {
+            vsock_vmm::logger::init(config.log_level, config.log_format);
+            finish(vsock_vmm::vmm::restore(&config))
         }
         Err(e) => {
             eprintln!("vsock-vmm: error: {e}");
@@ -35,17 +33,34 @@ fn main() -> ExitCode {
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 
+fn finish(result: Result<i32, vsock_vmm::vmm::Failure>) -> i32 {
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("vsock-vmm: error: {}", failure.message);
+            failure.code
+        }
+    }
+}
+
 fn run_remote(remote: &RemoteArgs) -> i32 {
-    let (method, path, body) = match remote.request {
+    let snapshot_body;
+    let (method, path, body) = match &remote.request {
         RemoteRequest::Ping => ("GET", "/api/v1/vmm.ping", None),
         RemoteRequest::Info => ("GET", "/api/v1/vsock", None),
         RemoteRequest::Connections => ("GET", "/api/v1/vsock/connections", None),
         RemoteRequest::Metrics => ("GET", "/metrics", None),
         RemoteRequest::Shutdown => ("PUT", "/api/v1/vm.shutdown", None),
+        RemoteRequest::Pause => ("PUT", "/api/v1/vm.pause", None),
+        RemoteRequest::Resume => ("PUT", "/api/v1/vm.resume", None),
+        RemoteRequest::Snapshot(dir) => {
+            snapshot_body = serde_json::json!({ "destination": dir }).to_string();
+            ("PUT", "/api/v1/vm.snapshot", Some(snapshot_body.as_str()))
+        }
         RemoteRequest::Fallback(on) => (
             "PATCH",
             "/api/v1/vsock",
-            Some(if on {
+            Some(if *on {
                 r#"{"g2h_fallback":true}"#
             } else {
                 r#"{"g2h_fallback":false}"#

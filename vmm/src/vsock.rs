@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use virtio_queue::Queue;
 use vsock_router::backend::accept::DEFAULT_MAX_PENDING;
 use vsock_router::backend::local::LocalPeers;
 use vsock_router::backend::namespace::NsMode;
 use vsock_router::backend::uplink::UplinkSpec;
 use vsock_router::config::VsockConfig;
 use vsock_router::device::virtio::VirtioDevice;
-use vsock_router::device::{DeviceConfig, DeviceHandle, VsockDevice};
+use vsock_router::device::{DeviceConfig, DeviceHandle, ResetPolicy, VsockDevice, VsockState};
 use vsock_router::router::connector::{Router, RouterStats};
 use vsock_router::router::{Policy, VsockHandle};
 use vsock_router::stats::{RstReason, RstState};
@@ -49,6 +50,46 @@ pub fn build_vsock(raw: &str) -> Result<VsockParts, VsockSetupError> {
         device: Box::new(device),
         control,
     })
+}
+
+/// Builds the vsock device of a restored VM from the raw `--vsock` value (the saved one, or
+/// the restorer's override: another CID, another socket) and the saved device state, if the
+/// driver had started the device. Returns the parts and, for a started device, the queues to
+/// activate it on ([`crate::transport::MmioTransport::restore_state`]). The device ends the
+/// guest's old connections with a transport reset (`docs/snapshot.md`).
+pub fn restore_vsock(
+    raw: &str,
+    state: Option<&VsockState>,
+) -> Result<(VsockParts, Option<Vec<Queue>>), VsockSetupError> {
+    let parts = RouterParts::new(raw.parse()?)?;
+    let (device, queues) = match state {
+        Some(state) => {
+            let (device, queues) = VsockDevice::restore(
+                parts.device,
+                parts.router,
+                state,
+                ResetPolicy::TransportReset,
+            )
+            .map_err(|e| VsockSetupError::Setup(format!("saved device state: {e}")))?;
+            (device, Some(queues))
+        }
+        None => (VsockDevice::new(parts.device, parts.router), None),
+    };
+    let control = parts.control.into_control(device.handle());
+    Ok((
+        VsockParts {
+            device: Box::new(device),
+            control,
+        },
+        queues,
+    ))
+}
+
+/// The vsock device behind a transport, if `device` is one (for pause, resume and save).
+pub fn as_vsock<'a>(
+    device: &'a mut (dyn VirtioDevice + 'static),
+) -> Option<&'a mut VsockDevice<Router>> {
+    device.as_any_mut()?.downcast_mut()
 }
 
 /// A router built from a `--vsock` configuration, with the device settings that go with it:

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{kvm_available, wait_for_path, Scratch};
 use vsock_vmm::api::client::{self, Reply};
+use vsock_vmm::api::lifecycle::LIFECYCLE_ROUTES;
 use vsock_vmm::api::routes::ROUTES;
 use vsock_vmm::testkit::asm::{Asm, Mode};
 use vsock_vmm::testkit::images::elf_kernel;
@@ -373,6 +374,7 @@ fn openapi_document_matches_the_routes() {
         .collect();
     let served: BTreeSet<(String, String)> = ROUTES
         .iter()
+        .chain(LIFECYCLE_ROUTES)
         .flat_map(|(p, ms)| ms.iter().map(|m| (p.to_string(), m.to_string())))
         .collect();
     assert_eq!(documented, served);

@@ -7,11 +7,13 @@ use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
 use super::http::{parse_request, Parsed, Response, MAX_BODY_BYTES, MAX_HEAD_BYTES};
+use super::lifecycle::VmLifecycle;
 use super::routes::{error_response, route, Action, ApiContext};
 
 /// How long a client has to send its whole request, and then to read the whole answer.
@@ -52,6 +54,7 @@ enum Step {
 pub(super) struct Server {
     listener: UnixListener,
     ctx: ApiContext,
+    lifecycle: Option<Arc<dyn VmLifecycle>>,
     on_shutdown: Box<dyn Fn() + Send>,
     clients: VecDeque<Client>,
 }
@@ -61,11 +64,13 @@ impl Server {
     pub(super) fn new(
         listener: UnixListener,
         ctx: ApiContext,
+        lifecycle: Option<Arc<dyn VmLifecycle>>,
         on_shutdown: Box<dyn Fn() + Send>,
     ) -> Self {
         Server {
             listener,
             ctx,
+            lifecycle,
             on_shutdown,
             clients: VecDeque::new(),
         }
@@ -109,7 +114,7 @@ impl Server {
         for (c, fd) in self.clients.drain(..).zip(&fds[1..]) {
             let mut c = c;
             let step = if fd.revents != 0 {
-                c.progress(&self.ctx, now)
+                c.progress(&self.ctx, self.lifecycle.as_deref(), now)
             } else {
                 Step::Open
             };
@@ -176,7 +181,12 @@ fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
 
 impl Client {
     /// Reads or writes what the socket allows without blocking.
-    fn progress(&mut self, ctx: &ApiContext, now: Instant) -> Step {
+    fn progress(
+        &mut self,
+        ctx: &ApiContext,
+        lifecycle: Option<&dyn VmLifecycle>,
+        now: Instant,
+    ) -> Step {
         if let Phase::Reading(buf) = &mut self.phase {
             let answer = match read_some(&mut self.stream, buf) {
                 Ok(None) => return Step::Open,
@@ -187,7 +197,10 @@ impl Client {
                 }
             };
             let (response, action) = match answer {
-                Ok(req) => route(&req, ctx),
+                Ok(req) => match lifecycle.and_then(|vm| super::lifecycle::route(&req, vm)) {
+                    Some(response) => (response, Action::None),
+                    None => route(&req, ctx),
+                },
                 Err(response) => (response, Action::None),
             };
             self.phase = Phase::Writing(response.to_bytes(), 0, action);

@@ -10,6 +10,7 @@ pub mod client;
 mod conn;
 pub mod control;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod routes;
 pub mod server;

@@ -13,12 +13,14 @@ use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::warn;
 
 use super::conn::Server;
 pub use super::conn::{MAX_CLIENTS, REQUEST_TIMEOUT};
+use super::lifecycle::VmLifecycle;
 use super::routes::ApiContext;
 
 /// Binds the API socket at `path` with mode 0600. A stale socket (nobody listening) left by a
@@ -53,11 +55,22 @@ pub fn spawn(
     ctx: ApiContext,
     on_shutdown: Box<dyn Fn() + Send>,
 ) -> io::Result<JoinHandle<()>> {
+    spawn_with_lifecycle(listener, ctx, None, on_shutdown)
+}
+
+/// [`spawn`], with the VM lifecycle routes ([`super::lifecycle`]) answered by `lifecycle`
+/// before the others.
+pub fn spawn_with_lifecycle(
+    listener: UnixListener,
+    ctx: ApiContext,
+    lifecycle: Option<Arc<dyn VmLifecycle>>,
+    on_shutdown: Box<dyn Fn() + Send>,
+) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            let mut server = Server::new(listener, ctx, on_shutdown);
+            let mut server = Server::new(listener, ctx, lifecycle, on_shutdown);
             loop {
                 server.turn();
             }

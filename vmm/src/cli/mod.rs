@@ -10,6 +10,8 @@ use vsock_router::config::options::{parse_size, parse_u32, OptionError, OptionPa
 
 use crate::vm::layout;
 
+pub mod restore;
+
 /// Exit status for command-line errors.
 pub const USAGE_EXIT_CODE: i32 = 2;
 
@@ -23,7 +25,9 @@ vsock-vmm: a small rust-vmm VMM with the vsock-router virtio-vsock device
 
 USAGE:
     vsock-vmm --kernel PATH [OPTIONS]
-    vsock-vmm remote --api-socket PATH <ping|info|fallback on|off|connections|metrics|shutdown>
+    vsock-vmm --restore DIR [--vsock ...] [--memory size=SIZE] [--serial ...] [--api-socket PATH]
+    vsock-vmm remote --api-socket PATH <ping|info|fallback on|off|connections|metrics|shutdown|
+                                        pause|resume|snapshot DIR>
 
 OPTIONS:
     --kernel PATH          Guest kernel: ELF vmlinux (booted through its PVH entry when it has
@@ -69,6 +73,15 @@ OPTIONS:
                            the time and the fields of each record (a connection's path,
                            bytes, duration, ...).
                            Example: --log-format json
+    --restore DIR          Resume the VM saved in DIR by PUT /api/v1/vm.snapshot (guest RAM,
+                           vCPUs, irqchip, PIT, clock, serial, vsock device): the guest
+                           continues where it was paused; its vsock connections are reset
+                           (TRANSPORT_RESET), its listeners stay. Refused with --kernel,
+                           --initramfs, --cmdline, --cpus (they are in the snapshot); --memory,
+                           if given, must match the snapshot's. --vsock, if given, replaces the
+                           saved vsock configuration: a clone with another CID and socket runs
+                           beside the original (the guest reads its new CID).
+                           Example: --restore /var/lib/vsock/snap1 --vsock cid=7,socket=/run/c7.vsock
     -h, --help             Print this help.
     -V, --version          Print the version.
 
@@ -79,6 +92,10 @@ REMOTE:
     vsock-vmm remote --api-socket PATH connections     GET /api/v1/vsock/connections
     vsock-vmm remote --api-socket PATH metrics         GET /metrics (Prometheus text)
     vsock-vmm remote --api-socket PATH shutdown        PUT /api/v1/vm.shutdown
+    vsock-vmm remote --api-socket PATH pause           PUT /api/v1/vm.pause
+    vsock-vmm remote --api-socket PATH resume          PUT /api/v1/vm.resume
+    vsock-vmm remote --api-socket PATH snapshot DIR    PUT /api/v1/vm.snapshot {\"destination\": DIR}
+                                                       (DIR made absolute; the VM must be paused)
 
 The guest may write a byte V to I/O port 0xf4 to make the VMM exit with status V (debug exit).
 Guest reboot (i8042 reset, triple fault) and shutdown end the VMM with status 0; a triple
@@ -152,7 +169,7 @@ pub struct VmConfig {
 }
 
 /// A request of `vsock-vmm remote`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteRequest {
     /// `GET /api/v1/vmm.ping`.
     Ping,
@@ -166,6 +183,12 @@ pub enum RemoteRequest {
     Metrics,
     /// `PUT /api/v1/vm.shutdown`.
     Shutdown,
+    /// `PUT /api/v1/vm.pause`.
+    Pause,
+    /// `PUT /api/v1/vm.resume`.
+    Resume,
+    /// `PUT /api/v1/vm.snapshot` into this (absolute) directory.
+    Snapshot(PathBuf),
 }
 
 /// `vsock-vmm remote` arguments.
@@ -182,6 +205,8 @@ pub struct RemoteArgs {
 pub enum Command {
     /// Run a VM.
     Run(Box<VmConfig>),
+    /// Restore a VM from a snapshot and run it.
+    Restore(Box<restore::RestoreConfig>),
     /// Talk to a running VMM.
     Remote(RemoteArgs),
     /// Print the help.
@@ -214,6 +239,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Command, CliError> {
     let mut api_socket = None;
     let mut log_level = None;
     let mut log_format = None;
+    let mut restore_dir = None;
     let mut it = args.iter();
     while let Some(&arg) = it.next() {
         match arg {
@@ -227,6 +253,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Command, CliError> {
             "--serial" => set_once(&mut serial, arg, parse_serial(value(&mut it, arg)?)?)?,
             "--vsock" => set_once(&mut vsock, arg, value(&mut it, arg)?.to_string())?,
             "--api-socket" => set_once(&mut api_socket, arg, value(&mut it, arg)?)?,
+            "--restore" => set_once(&mut restore_dir, arg, value(&mut it, arg)?)?,
             "--log-level" => set_once(&mut log_level, arg, parse_log_level(value(&mut it, arg)?)?)?,
             "--log-format" => set_once(
                 &mut log_format,
@@ -235,6 +262,29 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Command, CliError> {
             )?,
             other => return Err(CliError::UnknownArgument(other.to_string())),
         }
+    }
+    if let Some(dir) = restore_dir {
+        let boot_options = [
+            ("--kernel", kernel.is_some()),
+            ("--initramfs", initramfs.is_some()),
+            ("--cmdline", extra_cmdline.is_some()),
+            ("--cpus", cpus.is_some()),
+        ];
+        return restore::config(
+            dir,
+            &boot_options,
+            vsock,
+            restore::Common {
+                memory,
+                serial: serial.unwrap_or(SerialMode::Tty),
+                api_socket: api_socket
+                    .map(|p| non_empty_path("--api-socket", p))
+                    .transpose()?,
+                log_level: log_level.unwrap_or(log::LevelFilter::Warn),
+                log_format: log_format.unwrap_or_default(),
+            },
+        )
+        .map(|c| Command::Restore(Box::new(c)));
     }
     let kernel: &str = kernel.ok_or(CliError::Required("--kernel"))?;
     let mut cmdline = DEFAULT_CMDLINE.to_string();
@@ -282,7 +332,7 @@ fn set_once<T>(slot: &mut Option<T>, option: &str, value: T) -> Result<(), CliEr
     Ok(())
 }
 
-fn non_empty_path(option: &str, value: &str) -> Result<PathBuf, CliError> {
+pub(crate) fn non_empty_path(option: &str, value: &str) -> Result<PathBuf, CliError> {
     if value.is_empty() {
         return Err(CliError::InvalidValue {
             option: option.to_string(),
@@ -416,6 +466,10 @@ fn parse_remote(args: &[&str]) -> Result<RemoteArgs, CliError> {
         ["shutdown"] => RemoteRequest::Shutdown,
         ["fallback", "on"] => RemoteRequest::Fallback(true),
         ["fallback", "off"] => RemoteRequest::Fallback(false),
+        ["pause"] => RemoteRequest::Pause,
+        ["resume"] => RemoteRequest::Resume,
+        ["snapshot", dir] => RemoteRequest::Snapshot(restore::absolute("remote snapshot", dir)?),
+        ["snapshot"] => return Err(CliError::Required("remote snapshot: the directory")),
         ["fallback", other] => {
             return Err(CliError::InvalidValue {
                 option: "remote fallback".into(),
@@ -425,7 +479,8 @@ fn parse_remote(args: &[&str]) -> Result<RemoteArgs, CliError> {
         }
         [] => {
             return Err(CliError::Required(
-                "a remote request (ping, info, fallback, connections, metrics, shutdown)",
+                "a remote request (ping, info, fallback, connections, metrics, shutdown, pause, \
+                 resume, snapshot)",
             ))
         }
         other => return Err(CliError::UnknownArgument(other.join(" "))),

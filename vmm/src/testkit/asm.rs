@@ -187,6 +187,11 @@ impl Asm {
         self.bytes(&imm.to_le_bytes())
     }
 
+    /// `inc eax`.
+    pub fn inc_eax(&mut self) -> &mut Self {
+        self.bytes(&[0xff, 0xc0])
+    }
+
     /// `dec ecx`.
     pub fn dec_ecx(&mut self) -> &mut Self {
         self.bytes(&[0xff, 0xc9])

@@ -50,6 +50,14 @@ impl MmioInterrupt {
         self.config_generation.load(Ordering::SeqCst)
     }
 
+    /// Sets InterruptStatus and ConfigGeneration to saved values (a restored VM), without
+    /// signalling: whether the line was raised is the saved irqchip's state.
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
     /// The irqfd, for registration with KVM.
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd

@@ -38,7 +38,7 @@ pub enum TransportError {
 }
 
 /// The driver-written registers of one queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueRegisters {
     /// QueueNum (a value above `u16::MAX` reads as `u16::MAX`, which is never a valid size).
     pub size: u16,
@@ -54,20 +54,20 @@ pub struct QueueRegisters {
 
 /// A virtio-mmio transport around one device.
 pub struct MmioTransport {
-    device: Option<Box<dyn VirtioDevice>>,
-    device_type: u32,
-    max_sizes: Vec<u16>,
+    pub(super) device: Option<Box<dyn VirtioDevice>>,
+    pub(super) device_type: u32,
+    pub(super) max_sizes: Vec<u16>,
     avail_features: u64,
     mem: GuestMemory,
-    interrupt: Arc<MmioInterrupt>,
+    pub(super) interrupt: Arc<MmioInterrupt>,
     kicks: Vec<EventFd>,
-    queues: Vec<QueueRegisters>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
-    activated: bool,
+    pub(super) queues: Vec<QueueRegisters>,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) status: u32,
+    pub(super) activated: bool,
     notify_exits: u64,
 }
 
@@ -341,9 +341,6 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) -> bool {
-        let Some(device) = &mut self.device else {
-            return false;
-        };
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         for (index, (regs, &max)) in self.queues.iter().zip(&self.max_sizes).enumerate() {
@@ -355,18 +352,27 @@ impl MmioTransport {
                 }
             }
         }
-        let kicks = match self
+        match self.activate_with(queues) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("virtio-mmio: {e}");
+                false
+            }
+        }
+    }
+
+    /// Starts the device on `queues` (built from the registers, or restored with their ring
+    /// positions) with the transport's kicks and interrupt.
+    pub(super) fn activate_with(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        let Some(device) = &mut self.device else {
+            return Err("the device is gone".into());
+        };
+        let kicks = self
             .kicks
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(kicks) => kicks,
-            Err(e) => {
-                error!("virtio-mmio: cannot clone kick eventfds: {e}");
-                return false;
-            }
-        };
+            .map_err(|e| format!("cannot clone kick eventfds: {e}"))?;
         let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
         let ctx = ActivateContext {
             mem: self.mem.clone(),
@@ -374,22 +380,16 @@ impl MmioTransport {
             kicks,
             interrupt,
         };
-        match device.activate(ctx) {
-            Ok(()) => {
-                // Logged: a guest fault after this line may involve the device, one before it
-                // cannot.
-                info!(
-                    "virtio-mmio: device type {} activated (driver features {:#x})",
-                    self.device_type, self.driver_features
-                );
-                self.activated = true;
-                true
-            }
-            Err(e) => {
-                error!("virtio-mmio: device activation failed: {e}");
-                false
-            }
-        }
+        device
+            .activate(ctx)
+            .map_err(|e| format!("device activation failed: {e}"))?;
+        // Logged: a guest fault after this line may involve the device, one before it cannot.
+        info!(
+            "virtio-mmio: device type {} activated (driver features {:#x})",
+            self.device_type, self.driver_features
+        );
+        self.activated = true;
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -801,5 +801,83 @@ mod tests {
         ));
         let err = MmioTransport::new(mem(), Box::new(RecordingDevice::new(&[]))).unwrap_err();
         assert!(matches!(err, TransportError::NoQueues));
+    }
+
+    #[test]
+    fn saved_registers_restore_into_a_fresh_transport() {
+        let (mut t, _) = transport();
+        negotiate(&mut t);
+        setup_queues(&mut t);
+        w(&mut t, REG_STATUS, ALL_OK);
+        t.interrupt().trigger(InterruptKind::ConfigChange).unwrap();
+        let saved = t.save_state();
+        assert!(saved.activated);
+        assert_eq!(saved.interrupt_status, INT_CONFIG_CHANGE);
+        assert_eq!(saved.config_generation, 1);
+        let queues = || {
+            saved
+                .queues
+                .iter()
+                .zip([256, 256, 64])
+                .map(|(r, max)| build_queue(r, max, false).unwrap())
+                .collect::<Vec<_>>()
+        };
+
+        let (mut fresh, log) = transport();
+        fresh.restore_state(&saved, Some(queues())).unwrap();
+        assert!(fresh.is_activated());
+        assert_eq!(r(&mut fresh, REG_STATUS), ALL_OK);
+        assert_eq!(r(&mut fresh, REG_INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        assert_eq!(r(&mut fresh, REG_CONFIG_GENERATION), 1);
+        assert_eq!(fresh.save_state(), saved);
+        let act = log.last_activation().unwrap();
+        assert_eq!(act.queues[1], (64, true, 0x8000, 0x9000, 0xa000, false));
+        assert_eq!(
+            log.interrupt()
+                .unwrap()
+                .trigger(InterruptKind::UsedRing)
+                .ok(),
+            Some(())
+        );
+
+        // What does not fit is refused, naming it; the fresh transport stays unused.
+        let refused = |state: &super::super::MmioState, queues: Option<Vec<Queue>>| {
+            let (mut fresh, log) = transport();
+            let e = fresh.restore_state(state, queues).unwrap_err().to_string();
+            assert!(!fresh.is_activated() && log.activations() == 0, "{e}");
+            e
+        };
+        assert!(refused(&saved, None).contains("without its state"));
+        let mut moved = queues();
+        moved[2].set_desc_table_address(Some(0x7000), None);
+        assert!(refused(&saved, Some(moved)).contains("queue 2"));
+        let mut other = saved.clone();
+        other.device_type = 1;
+        assert!(refused(&other, Some(queues())).contains("device type 1"));
+        let mut other = saved.clone();
+        other.status |= 0x100;
+        assert!(refused(&other, Some(queues())).contains("Status bits"));
+        let mut other = saved.clone();
+        other.activated = false;
+        assert!(refused(&other, None).contains("does not fit Status"));
+        let mut other = saved.clone();
+        other.queues.pop();
+        assert!(refused(&other, Some(queues())).contains("2 queues saved"));
+
+        // Saved before DRIVER_OK: the registers come back and the features are acked again.
+        let (mut t, _) = transport();
+        negotiate(&mut t);
+        setup_queues(&mut t);
+        let saved = t.save_state();
+        let (mut fresh, log) = transport();
+        fresh.restore_state(&saved, None).unwrap();
+        assert!(!fresh.is_activated());
+        assert_eq!(log.acked(), Some(1 << 32));
+        w(&mut fresh, REG_STATUS, ALL_OK);
+        assert!(fresh.is_activated());
+        assert_eq!(
+            log.last_activation().unwrap().queues[0],
+            (64, true, 0x4000, 0x5000, 0x6000, false)
+        );
     }
 }

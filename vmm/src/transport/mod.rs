@@ -4,6 +4,8 @@
 pub mod interrupt;
 pub mod mmio;
 pub mod registers;
+pub mod state;
 
 pub use interrupt::MmioInterrupt;
 pub use mmio::{MmioTransport, TransportError};
+pub use state::{MmioState, StateError};

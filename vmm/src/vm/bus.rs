@@ -49,6 +49,11 @@ impl Bus {
         self.serial = Some(serial);
     }
 
+    /// The UART at COM1, if attached.
+    pub fn serial(&self) -> Option<&Arc<Mutex<SerialDevice>>> {
+        self.serial.as_ref()
+    }
+
     /// Attaches a virtio-mmio transport at `base`.
     pub fn add_mmio(&mut self, base: u64, transport: Arc<Mutex<MmioTransport>>) {
         self.mmio.push((base, transport));

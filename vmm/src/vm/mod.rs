@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cpu;
 pub mod layout;
 pub mod mptable;
+pub mod pause;
 pub mod vcpu;
 
 use std::fs::File;
@@ -24,13 +25,15 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vsock_router::device::virtio::{GuestMemory, VirtioDevice};
 
-use crate::devices::serial::{new_serial, SerialDevice};
+use crate::devices::serial::{new_serial, IrqfdTrigger, SerialDevice};
 use crate::transport::registers::REG_QUEUE_NOTIFY;
 use crate::transport::{MmioTransport, TransportError};
 use boot::{BootError, BootInfo, BootSource};
 use bus::Bus;
 use cpu::CpuError;
 use vcpu::Vcpu;
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::Serial;
 
 /// The TSS address KVM needs on Intel (three pages just below the BIOS area at 4 GiB).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -67,6 +70,12 @@ pub enum VmError {
     /// Configuring a vCPU failed.
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    /// The saved UART state was refused.
+    #[error("cannot restore the serial port: {0}")]
+    Serial(String),
+    /// Restoring a vCPU or the VM's in-kernel state failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Writing the MP table failed.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
@@ -143,6 +152,11 @@ impl Vm {
         })
     }
 
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
@@ -163,16 +177,35 @@ impl Vm {
         &self.virtio
     }
 
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
     /// Adds the COM1 UART writing to `out`; its interrupt is an irqfd on GSI 4.
     pub fn add_serial(
         &mut self,
         out: Box<dyn Write + Send>,
     ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
+        self.add_serial_from(out, None)
+    }
+
+    /// [`Vm::add_serial`], with the registers and FIFO of `state` (a restored UART) if given.
+    pub fn add_serial_from(
+        &mut self,
+        out: Box<dyn Write + Send>,
+        state: Option<&SerialState>,
+    ) -> Result<Arc<Mutex<SerialDevice>>, VmError> {
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
         self.fd
             .register_irqfd(&irqfd, layout::SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(new_serial(irqfd, out)));
+        let serial = match state {
+            None => new_serial(irqfd, out),
+            Some(state) => Serial::from_state(state, IrqfdTrigger(irqfd), NoEvents, out)
+                .map_err(|e| VmError::Serial(format!("{e:?}")))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         self.bus.set_serial(serial.clone());
         Ok(serial)
     }
@@ -236,6 +269,37 @@ impl Vm {
         self.kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+    }
+
+    /// Creates one vCPU per saved state, sets the boot CPUID and the saved state, and the
+    /// VM-wide state `vm` (irqchip, PIT, clock) once the vCPUs exist.
+    pub fn restore_vcpus(
+        &self,
+        states: &[crate::snapshot::VcpuState],
+        vm: &crate::snapshot::VmState,
+    ) -> Result<Vec<Vcpu>, VmError> {
+        crate::snapshot::cpu::check_xsave_size(&self.kvm)?;
+        let supported = self.supported_cpuid()?;
+        let count = u8::try_from(states.len()).map_err(|_| {
+            crate::snapshot::SnapshotError::Invalid(format!("{} vCPUs", states.len()))
+        })?;
+        let mut out = Vec::with_capacity(states.len());
+        for state in states {
+            let fd = self
+                .fd
+                .create_vcpu(u64::from(state.id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            out.push((fd, state));
+        }
+        vm.restore(&self.fd)?;
+        out.into_iter()
+            .map(|(fd, state)| {
+                let mut cpuid = supported.clone();
+                cpu::patch_cpuid(&mut cpuid, state.id, count);
+                state.restore(&fd, &cpuid)?;
+                Ok(Vcpu::new(fd, state.id, self.bus.clone()))
+            })
+            .collect()
     }
 
     /// Creates and configures `count` vCPUs starting at `entry` (APs wait for INIT/SIPI in

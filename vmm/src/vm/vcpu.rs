@@ -2,12 +2,14 @@
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, error};
 
 use super::bus::{Bus, PioAction};
+use super::pause::PauseControl;
+use crate::snapshot::VcpuState;
 
 /// Why a vCPU's run loop returned normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +146,13 @@ pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
     bus: Bus,
+    pause: Option<Pausable>,
+}
+
+/// What a vCPU needs to park: the shared control and the MSRs to save.
+struct Pausable {
+    control: Arc<PauseControl>,
+    msrs: Arc<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -163,7 +172,18 @@ enum Step {
 impl Vcpu {
     /// Wraps a configured vCPU.
     pub fn new(fd: VcpuFd, id: u8, bus: Bus) -> Self {
-        Vcpu { fd, id, bus }
+        Vcpu {
+            fd,
+            id,
+            bus,
+            pause: None,
+        }
+    }
+
+    /// Makes the vCPU park when `control` asks ([`PauseControl::pause`]), saving the MSRs of
+    /// `msrs` with its state.
+    pub fn set_pause(&mut self, control: Arc<PauseControl>, msrs: Arc<Vec<u32>>) {
+        self.pause = Some(Pausable { control, msrs });
     }
 
     /// The vCPU index (= APIC ID).
@@ -177,11 +197,23 @@ impl Vcpu {
     }
 
     /// Runs the guest until it stops, fails, or `stop` is set and the thread is kicked with
-    /// [`kick_signal`].
+    /// [`kick_signal`]. Parks while paused (see [`Vcpu::set_pause`]).
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VcpuStop, VcpuError> {
+        let result = self.run_loop(stop);
+        if let Some(p) = &self.pause {
+            p.control.vcpu_ended(self.id);
+        }
+        result
+    }
+
+    fn run_loop(&mut self, stop: &AtomicBool) -> Result<VcpuStop, VcpuError> {
         loop {
             if stop.load(Ordering::Acquire) {
                 return Ok(VcpuStop::Stopped);
+            }
+            if self.pause.as_ref().is_some_and(|p| p.control.requested()) {
+                self.park(stop);
+                continue;
             }
             match self.step() {
                 Step::Continue => {}
@@ -195,6 +227,24 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Completes the pending exit without entering the guest, saves the state, waits.
+    fn park(&mut self, stop: &AtomicBool) {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(format!("KVM_RUN with immediate_exit failed: {e}")),
+            Ok(exit) => Err(format!(
+                "KVM_RUN with immediate_exit entered the guest: {exit:?}"
+            )),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        let Some(p) = &self.pause else { return };
+        let state = completed
+            .and_then(|()| VcpuState::save(&p.msrs, &self.fd, self.id).map_err(|e| e.to_string()));
+        p.control
+            .park(self.id, state, || !stop.load(Ordering::Acquire));
     }
 
     fn step(&mut self) -> Step {
