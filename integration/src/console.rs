@@ -6,7 +6,7 @@
 //! - `VRTEST-BOOT <which> [...]`: printed by `/init` once user space runs
 //! - `VRTEST-DONE rc=<n>`: the scenario finished with exit code `n`
 //! - `VRTEST-ALIVE uptime_ms=<n>`: the KVM host's heartbeat, printed by its `/init` every
-//!   [`HEARTBEAT_SECS`] while the scenario runs, never a verdict
+//!   [`HEARTBEAT_SECS`] from its boot line until the scenario ends, never a verdict
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,6 +48,9 @@ pub const HEARTBEAT_SECS: u64 = 30;
 
 /// The KVM host's heartbeat line.
 pub const HEARTBEAT: &str = "VRTEST-ALIVE";
+
+/// The boot line after which the KVM host prints [`HEARTBEAT`].
+pub const HEARTBEAT_FROM: &str = "VRTEST-BOOT kvm-host";
 
 /// Everything the harness understood from a console log.
 #[derive(Clone, Debug, Default)]

@@ -33,10 +33,11 @@ const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// After a kernel fault shows on the console, how long the rest of its report may take to
 /// arrive before QEMU is killed.
 const FAULT_GRACE: Duration = Duration::from_secs(2);
-/// A KVM host whose console stays silent this long after its first heartbeat
-/// ([`crate::console::HEARTBEAT`], every 30 s) has hung: its kernel no longer runs the shell
-/// loop that prints it. Seen in a clean-clone CI run: the console stopped after the module
-/// loads while QEMU spun at 190 % CPU for 27 minutes, with no kernel message.
+/// A KVM host whose console stays silent this long after its boot line (from which its `/init`
+/// prints a heartbeat, [`crate::console::HEARTBEAT`], every 30 s) has hung: its kernel no
+/// longer runs the shell loop that prints it. Seen in two clean-clone CI runs: the console
+/// stopped right after the module loads while QEMU spun at 100-190 % CPU for 14 and 27
+/// minutes, with no kernel message.
 const HEARTBEAT_SILENCE: Duration = Duration::from_secs(300);
 /// Where the guests find `vr-socat` (on their `PATH`).
 const HELPER_GUEST_PATH: &str = "vr/bin/vr-socat";
@@ -618,7 +619,7 @@ impl RunningVm {
             && self.fault_at.is_none()
             && self.done_at.is_none()
             && now.duration_since(self.grew_at) > self.heartbeat_silence
-            && console.contains(crate::console::HEARTBEAT)
+            && console.contains(crate::console::HEARTBEAT_FROM)
         {
             let line = format!(
                 "{}: the KVM host printed nothing for {} s, not even its heartbeat (every {} s): \
