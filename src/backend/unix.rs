@@ -101,15 +101,10 @@ impl BoundSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = match ty {
-            SockType::Stream => UnixListener::bind(path)?,
-            SockType::Seqpacket => {
-                // `UnixListener` only holds the fd: its `accept` (accept4) serves any type.
-                let fd = sys::socket(libc::AF_UNIX, ty.libc())?;
-                sys::bind_listen_unix(fd.as_raw_fd(), path, BACKLOG)?;
-                UnixListener::from(fd)
-            }
-        };
+        // `UnixListener` only holds the fd: its `accept` (accept4) serves any type.
+        let fd = sys::socket(libc::AF_UNIX, ty.libc())?;
+        sys::bind_listen_unix(fd.as_raw_fd(), path, BACKLOG)?;
+        let listener = UnixListener::from(fd);
         listener.set_nonblocking(true)?;
         let id = FileId::of(path)?;
         Ok(BoundSocket {

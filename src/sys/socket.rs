@@ -292,8 +292,41 @@ pub fn get_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::R
     Ok(value)
 }
 
-/// Binds the Unix socket `fd` to the filesystem `path` and makes it listen with `backlog`.
+/// Binds the Unix socket `fd` to the filesystem `path` and makes it listen with `backlog`, so
+/// that `path` appears only once the socket listens.
+///
+/// A plain `bind` + `listen` (std's `UnixListener::bind`) lets the path exist for a moment in
+/// which a connect is refused: a client that waits for the path and connects at once meets
+/// `ECONNREFUSED` when the binding process is preempted between the two calls (seen under load,
+/// with several VMMs starting at once, in `vmm/tests/api_hostile.rs`). So the socket is bound
+/// and listening under a temporary name in the same directory first, then linked to `path`
+/// (`link(2)` refuses an existing `path`: `AddrInUse`, as `bind(2)` would) and the temporary
+/// name removed. A directory where that name would not fit in `sun_path` binds `path` directly.
 pub fn bind_listen_unix(fd: RawFd, path: &Path, backlog: libc::c_int) -> io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    sockaddr_un(path)?;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".vr-bind-{}-{n}", std::process::id()));
+    if sockaddr_un(&tmp).is_err() {
+        return bind_then_listen(fd, path, backlog);
+    }
+    if let Err(e) = bind_then_listen(fd, &tmp, backlog) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} already exists", path.display()),
+        ),
+        _ => e,
+    })
+}
+
+fn bind_then_listen(fd: RawFd, path: &Path, backlog: libc::c_int) -> io::Result<()> {
     let (addr, len) = sockaddr_un(path)?;
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes, alive for the call.
     let r = unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
@@ -312,4 +345,65 @@ pub fn peek_msg_len(fd: RawFd) -> io::Result<usize> {
     // kernel still writes at most that length and only reports the message's real one.
     let n = unsafe { libc::recv(fd, byte.as_mut_ptr().cast(), byte.len(), flags) };
     cvt(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn listen_at(path: &Path) -> io::Result<OwnedFd> {
+        let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
+        bind_listen_unix(fd.as_raw_fd(), path, 4)?;
+        Ok(fd)
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_path_appears_listening_and_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let _l = listen_at(&path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        assert_eq!(names(dir.path()), ["s.sock"], "no temporary name is left");
+        // A taken path is refused as bind(2) refuses it, and leaves nothing behind.
+        let e = listen_at(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert_eq!(names(dir.path()), ["s.sock"]);
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(
+            listen_at(&file).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        assert_eq!(names(dir.path()), ["f", "s.sock"]);
+    }
+
+    #[test]
+    fn a_directory_too_deep_for_the_temporary_name_binds_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory of 95 bytes: `s` in it fits in sun_path (107 bytes at most), the
+        // temporary name (`.vr-bind-<pid>-<n>`) does not.
+        let fill = 95 - dir.path().as_os_str().len() - 1;
+        let deep = dir.path().join("d".repeat(fill));
+        std::fs::create_dir(&deep).unwrap();
+        let path = deep.join("s");
+        let _l = listen_at(&path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        assert_eq!(names(&deep), ["s"]);
+        let long = deep.join("y".repeat(20));
+        assert_eq!(
+            listen_at(&long).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
 }

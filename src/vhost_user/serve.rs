@@ -35,15 +35,38 @@ pub fn serve<B: Backend + 'static>(
     vsock: &SharedVsock<B>,
     socket: &Path,
 ) -> Result<(), ServeError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
+    let (mut listener, _unlink) = listen(socket).map_err(|e| ServeError::Listen {
         path: socket.display().to_string(),
-        source,
+        source: vhost::vhost_user::Error::SocketError(e),
     })?;
     vsock.set_socket(socket);
     while !vsock.is_shut_down() {
         serve_one(vsock, &mut listener)?;
     }
     Ok(())
+}
+
+/// Removes the socket's path when serving ends.
+struct Unlink<'a>(&'a Path);
+
+impl Drop for Unlink<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// The listener on `socket`, whose path (a stale one there is replaced, as the vhost library's
+/// `Listener::new(path, true)` does) appears only once it listens: a frontend started as soon
+/// as the path exists (QEMU) is never refused (`sys::bind_listen_unix`).
+fn listen(socket: &Path) -> std::io::Result<(Listener, Unlink<'_>)> {
+    use std::os::fd::AsRawFd;
+    let _ = std::fs::remove_file(socket);
+    let fd = crate::sys::socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
+    crate::sys::bind_listen_unix(fd.as_raw_fd(), socket, 128)?;
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    // The vhost library accepts on a blocking listener, as `Listener::new` makes it.
+    listener.set_nonblocking(false)?;
+    Ok((Listener::from(listener), Unlink(socket)))
 }
 
 /// Accepts one frontend and serves it until it goes away.

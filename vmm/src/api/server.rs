@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::io::{self, ErrorKind};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,9 @@ use super::conn::Server;
 pub use super::conn::{MAX_CLIENTS, REQUEST_TIMEOUT};
 use super::lifecycle::VmLifecycle;
 use super::routes::ApiContext;
+
+/// The API listener's backlog (std's `UnixListener::bind` uses 128 too).
+const LISTEN_BACKLOG: libc::c_int = 128;
 
 /// Binds the API socket at `path` with mode 0600. A stale socket (nobody listening) left by a
 /// crashed VMM is replaced; any other existing file is an error.
@@ -39,7 +43,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     // SAFETY: umask only changes the process file-creation mask; it is called before any other
     // thread of this VMM creates files, and restored right after the bind.
     let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
+    // Bound so that the path appears only once it listens (a client that waits for it is
+    // never refused).
+    let listener = vsock_router::sys::socket(libc::AF_UNIX, libc::SOCK_STREAM).and_then(|fd| {
+        vsock_router::sys::bind_listen_unix(fd.as_raw_fd(), path, LISTEN_BACKLOG)?;
+        Ok(UnixListener::from(fd))
+    });
     // SAFETY: as above, restores the previous mask.
     unsafe { libc::umask(old) };
     let listener = listener?;
