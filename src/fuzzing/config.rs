@@ -64,9 +64,15 @@ fn to_option_string(c: &VsockConfig) -> String {
     if let Some(r) = &c.registry {
         s.push_str(&format!(",registry={}", r.display()));
     }
+    if let Some(m) = c.ns_mode {
+        s.push_str(&format!(",ns_mode={m}"));
+    }
     if !c.listen.is_empty() {
         let ports: Vec<String> = c.listen.iter().map(u32::to_string).collect();
         s.push_str(&format!(",listen={}", ports.join("+")));
+    }
+    if !c.busy_poll.is_zero() {
+        s.push_str(&format!(",busy_poll_us={}", c.busy_poll.as_micros()));
     }
     s
 }
