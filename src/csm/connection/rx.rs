@@ -132,7 +132,7 @@ impl<S: VsockStream> Connection<S> {
         }
         let mut left = match self.stream.read_iov(&iov) {
             Ok(n) if n > 0 => {
-                self.read_short(n as u64, total);
+                self.read_short(n as u64, u64::from(lens[0]));
                 n as u32
             }
             // The stream's end or an error: the first buffer says so, if anything is owed.
@@ -238,12 +238,16 @@ impl<S: VsockStream> Connection<S> {
         Some(self.data_packet(n, 0))
     }
 
-    /// After a read of `got` bytes where `asked` fitted: a stream socket returns less only when
-    /// it had no more, so the next read waits for the stream to be readable again (the epoll
-    /// set, level-triggered, says so at once if bytes came meanwhile) instead of costing a
-    /// system call that fails with `EAGAIN`.
-    fn read_short(&mut self, got: u64, asked: u64) {
-        if got < asked {
+    /// After a read of `got` bytes where the first buffer had room for `first`: a stream socket
+    /// returns less only when it had no more, and one that did not even fill a buffer is
+    /// sending in small pieces (a request, an answer), so the next read waits for the stream to
+    /// be readable again (the epoll set, level-triggered, says so at once if bytes came
+    /// meanwhile) instead of costing a system call that fails with `EAGAIN`: one per 64-byte
+    /// round trip. A stream that filled buffers is read again at once: a writer streaming into
+    /// it has most likely written more meanwhile, and going back to the epoll set first would
+    /// cost a wake-up and an interrupt more per batch.
+    fn read_short(&mut self, got: u64, first: u64) {
+        if got < first {
             self.pending.remove(PendingRx::Rw);
         }
     }
@@ -419,8 +423,23 @@ mod tests {
         assert_eq!(lens[..9], [4096; 9]);
         assert_eq!(lens[9], 40_000 - 9 * 4096);
         assert_eq!(bytes, data);
-        // The read was short, so the stream had no more: the next fill does not read (no
-        // `EAGAIN`) until the stream is readable again.
+        // It filled buffers, so it may have more at once: the next fill reads again (EAGAIN
+        // here) and uses nothing.
+        assert_eq!(c.fill_rx_many(&mem, &chains, &mut [0; BUFS], now), 0);
+        assert_eq!(c.stream().1, 2);
+    }
+
+    #[test]
+    fn a_read_that_does_not_fill_a_buffer_waits_for_the_stream() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let now = Instant::now();
+        let (mut c, _host) = connection(&mem, 256 * 1024, &pattern(64), now);
+        let chains = rx_chains(&mem);
+        let mut lens = [0u32; BUFS];
+        assert_eq!(c.fill_rx_many(&mem, &chains, &mut lens, now), 1);
+        assert_eq!(header_of(&mem, &chains[0]).len, 64);
+        // 64 bytes where 4 KiB fitted: the stream had no more, so the next fill does not read
+        // (no `EAGAIN`) until the stream is readable again.
         assert!(!c.has_pending_rx());
         assert_eq!(c.fill_rx_many(&mem, &chains, &mut [0; BUFS], now), 0);
         assert_eq!(c.stream().1, 1);
