@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{kvm_available, wait_for_path, Scratch};
 use vsock_vmm::api::client::{self, Reply};
@@ -73,23 +73,7 @@ impl Vmm {
 
     /// Waits (bounded) for the process to exit; returns its status and stderr.
     fn wait(&mut self, timeout: Duration) -> Option<(ExitStatus, String)> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                self.child = None;
-                return Some((status, err));
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_exit(&mut self.child, timeout)
     }
 
     fn shutdown(&mut self) {

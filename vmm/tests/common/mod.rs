@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -169,4 +170,27 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// Waits (bounded, polling every 20 ms) for the process in `child` to exit; returns its status
+/// and its piped stderr, and empties `child`. `None` when it is still running at the deadline
+/// (or `child` is empty).
+pub fn wait_exit(child: &mut Option<Child>, timeout: Duration) -> Option<(ExitStatus, String)> {
+    let deadline = std::time::Instant::now() + timeout;
+    let c = child.as_mut()?;
+    loop {
+        if let Some(status) = c.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            if let Some(mut e) = c.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            *child = None;
+            return Some((status, err));
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
