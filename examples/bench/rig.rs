@@ -178,6 +178,8 @@ impl Rig {
                 "RUST_LOG",
                 std::env::var("VR_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // vsock-routerd's private registry goes in the rig's directory, also when killed.
+            .env("TMPDIR", dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -246,7 +246,7 @@ fn routerd_vsock_arg(vm: &RouterdVm<'_>) -> Result<String, HarnessError> {
 /// (whatever the caller's environment says) and every VM's uplink `none` or a `unix:` stand-in
 /// (see [`RouterdVm::keys`]); [`EMULATED_TIMEOUTS`] unless the keys set their own. Waits (at
 /// most 10 s each) for the vhost-user sockets and the API socket. Log: `log`. The daemon is
-/// killed by PID when the guard drops.
+/// killed by PID when the guard drops; its `TMPDIR` is the log's directory.
 pub fn start_routerd(
     vms: &[RouterdVm<'_>],
     api_socket: Option<&Path>,
@@ -258,6 +258,12 @@ pub fn start_routerd(
     let bin = routerd_binary()?;
     let mut cmd = Command::new(&bin);
     cmd.env("VSOCK_ROUTER_FORBID_AF_VSOCK", "1");
+    // The daemon's private registry (for VMs without `registry=`) is made under TMPDIR: beside
+    // the log, in the test's own directory, so that the guard's SIGKILL leaves nothing behind
+    // in the machine's /tmp.
+    if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
+        cmd.env("TMPDIR", dir);
+    }
     for vm in vms {
         cmd.arg("--vsock").arg(routerd_vsock_arg(vm)?);
     }

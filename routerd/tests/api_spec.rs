@@ -58,6 +58,8 @@ fn a_running_daemon_answers_every_documented_operation() {
         .arg("--api-socket")
         .arg(&api)
         .env("VSOCK_ROUTER_FORBID_AF_VSOCK", "1")
+        // Its private registry inside the test's directory, also if it is killed.
+        .env("TMPDIR", d)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -24,12 +24,17 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Starts the daemon with `dir/tmp` as its `TMPDIR`, where it makes its private registry:
+    /// inside the test's directory, so that even a daemon this guard kills leaves nothing in
+    /// the machine's /tmp.
     fn start(dir: &Path, args: &[String]) -> Daemon {
         let log = std::fs::File::create(dir.join("routerd.log")).unwrap();
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_vsock-routerd"))
             .args(args)
             .args(["--log-level", "info"])
             .env("VSOCK_ROUTER_FORBID_AF_VSOCK", "1")
+            .env("TMPDIR", dir.join("tmp"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -204,6 +209,15 @@ fn two_vms_host_services_siblings_api_and_sigterm() {
     ] {
         assert!(!d.join(f).exists(), "{f} left behind");
     }
+    // So was the private registry the two VMs shared (made under TMPDIR).
+    let left: Vec<_> = std::fs::read_dir(d.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the private registry was left behind: {left:?}"
+    );
     // The host side of the guest's connection was closed with the device.
     s.set_read_timeout(Some(T)).unwrap();
     let mut rest = Vec::new();
