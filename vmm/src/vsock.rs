@@ -43,13 +43,8 @@ pub enum VsockSetupError {
 /// listeners (all before KVM is touched), and returns the device with the API's handle on it.
 /// The sockets are removed when the device is dropped.
 pub fn build_vsock(raw: &str) -> Result<VsockParts, VsockSetupError> {
-    let parts = RouterParts::new(raw.parse()?)?;
-    let device = VsockDevice::new(parts.device, parts.router);
-    let control = parts.control.into_control(device.handle());
-    Ok(VsockParts {
-        device: Box::new(device),
-        control,
-    })
+    // A fresh device is a restored one without saved state: one place builds both.
+    restore_vsock(raw, None).map(|(parts, _)| parts)
 }
 
 /// Builds the vsock device of a restored VM from the raw `--vsock` value (the saved one, or
