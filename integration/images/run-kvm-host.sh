@@ -3,7 +3,7 @@
 #
 # usage: run-kvm-host.sh --initrd CPIO [--kernel VMLINUX|bzImage]
 #          [--append "ARGS"] [--serial-log FILE] [--modules kvm,vsock]
-#          [--mem 2G] [--smp 2] [--memfd] [--timeout SECS] [--print-cmd]
+#          [--mem 2G] [--smp 2] [--memfd] [--monitor SOCK] [--timeout SECS] [--print-cmd]
 #          [-- EXTRA QEMU ARGS...]
 #
 #   --serial-log F  serial console to file F (else to stdout, -nographic)
@@ -11,6 +11,8 @@
 #   --memfd         share guest RAM (memory-backend-memfd, share=on), needed for
 #                   vhost-user devices, e.g.
 #                   -- -chardev socket,id=c0,path=S -device vhost-user-vsock-device,chardev=c0,guest-cid=3
+#   --monitor SOCK  QEMU's human monitor on the Unix socket SOCK (else none); QEMU
+#                   then runs in SOCK's directory, so give the other paths absolute
 #   --timeout S     kill QEMU after S seconds (via timeout(1)); without it QEMU
 #                   is exec'd, so this script's PID is QEMU's PID
 # The kernel defaults to VR_HOST_VMLINUX (or VR_HOST_BZIMAGE) from
@@ -23,7 +25,7 @@ if [ -f "$VR_CACHE/artifacts.env" ]; then
 	. "$VR_CACHE/artifacts.env"
 fi
 kernel="${VR_HOST_VMLINUX:-${VR_HOST_BZIMAGE:-}}"
-initrd="" append="" log="" modules="kvm" mem="2G" smp=2 memfd=0 timeout_s="" print=0
+initrd="" append="" log="" modules="kvm" mem="2G" smp=2 memfd=0 timeout_s="" print=0 monitor=""
 while [ "$#" -gt 0 ]; do
 	case "$1" in
 	--kernel) kernel="$2"; shift 2 ;;
@@ -34,6 +36,7 @@ while [ "$#" -gt 0 ]; do
 	--mem) mem="$2"; shift 2 ;;
 	--smp) smp="$2"; shift 2 ;;
 	--memfd) memfd=1; shift ;;
+	--monitor) monitor="$2"; shift 2 ;;
 	--timeout) timeout_s="$2"; shift 2 ;;
 	--print-cmd) print=1; shift ;;
 	--) shift; break ;;
@@ -47,13 +50,22 @@ command -v qemu-system-x86_64 >/dev/null || vr_die "qemu-system-x86_64 not insta
 
 # shellcheck disable=SC2054 # the commas belong to QEMU options
 cmd=(qemu-system-x86_64 -accel tcg,thread=multi -cpu max -M microvm,rtc=on
-	-m "$mem" -smp "$smp" -nographic -no-reboot -monitor none
+	-m "$mem" -smp "$smp" -nographic -no-reboot
 	-kernel "$kernel" -initrd "$initrd"
 	-append "console=ttyS0 quiet pci=off panic=-1 tsc_early_khz=$(vr_tsc_khz) vr.modules=$modules $append")
 if [ "$memfd" = 1 ]; then
 	cmd+=(-object "memory-backend-memfd,id=vrmem,size=$mem,share=on" -machine memory-backend=vrmem)
 fi
 [ -z "$log" ] || cmd+=(-serial "file:$log")
+if [ -n "$monitor" ]; then
+	# A socket address holds at most 107 bytes: QEMU binds the name in the socket's directory,
+	# which becomes its working directory (every other path it is given is absolute).
+	monitor_dir="$(dirname "$monitor")"
+	cd "$monitor_dir" || vr_die "--monitor: no directory $monitor_dir"
+	cmd+=(-monitor "unix:$(basename "$monitor"),server=on,wait=off")
+else
+	cmd+=(-monitor none)
+fi
 cmd+=("$@")
 if [ "$print" = 1 ]; then
 	printf '%q ' "${cmd[@]}"

@@ -31,6 +31,7 @@ mod faults;
 mod hybrid;
 mod inner_faults;
 mod machine;
+mod probe;
 mod process;
 mod uplink;
 mod vm;

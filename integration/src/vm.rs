@@ -348,6 +348,9 @@ impl GuestRun {
         if self.memfd {
             cmd.arg("--memfd");
         }
+        // The human monitor, asked what the virtual CPUs do if the console goes silent.
+        cmd.arg("--monitor")
+            .arg(dir.join(crate::probe::MONITOR_SOCKET));
         cmd.arg("--")
             .args(self.qemu_args.iter().map(|a| a.replace("{dir}", &dir_str)))
             .stdin(Stdio::null())
@@ -369,6 +372,7 @@ impl GuestRun {
         dir: PathBuf,
         tempdir: Option<tempfile::TempDir>,
     ) -> RunningVm {
+        let child_cpu = crate::probe::cpu_time(child.id());
         RunningVm {
             name: self.name.clone(),
             child: Some(child),
@@ -385,7 +389,8 @@ impl GuestRun {
             fault_at: None,
             console_len: 0,
             grew_at: Instant::now(),
-            silence: None,
+            cpu_at_growth: child_cpu,
+            silence: Vec::new(),
             inner_vmlinux: artifacts.inner_vmlinux.clone(),
         }
     }
@@ -509,8 +514,10 @@ pub struct RunningVm {
     grew_at: Instant,
     /// The limit of [`GuestRun::heartbeat_silence`].
     heartbeat_silence: Duration,
-    /// Set when the console went silent past its heartbeat.
-    silence: Option<String>,
+    /// QEMU's CPU time when the console last grew (see [`crate::probe`]).
+    cpu_at_growth: Option<Duration>,
+    /// Set when the console went silent past its heartbeat: what was seen of QEMU then.
+    silence: Vec<String>,
     /// The inner guests' kernel, to locate their triple faults.
     inner_vmlinux: PathBuf,
 }
@@ -614,6 +621,7 @@ impl RunningVm {
         if console.len() != self.console_len {
             self.console_len = console.len();
             self.grew_at = now;
+            self.cpu_at_growth = self.pid().and_then(crate::probe::cpu_time);
         }
         if self.detect_faults
             && self.fault_at.is_none()
@@ -633,7 +641,8 @@ impl RunningVm {
                 self.name,
                 self.started.elapsed().as_secs_f64()
             );
-            self.silence = Some(line);
+            self.silence = vec![line];
+            self.silence.extend(self.probe_silence(now));
             self.fault_at = Some(now);
         }
         if self.detect_faults && self.fault_at.is_none() {
@@ -655,7 +664,7 @@ impl RunningVm {
             self.kill();
             let console = self.console();
             let mut lines = platform_fault_lines(&console);
-            lines.extend(self.silence.clone());
+            lines.extend(self.silence.iter().cloned());
             return Ok(Some(Err(HarnessError::PlatformFault {
                 name: self.name.clone(),
                 lines,
@@ -681,6 +690,33 @@ impl RunningVm {
             }
             _ => Ok(None),
         }
+    }
+
+    /// What QEMU was doing over a silence that ends `now`: its CPU use, and (a KVM host's) the
+    /// virtual CPUs' state from its monitor, also kept in `monitor-dump.txt` of the run's
+    /// directory.
+    fn probe_silence(&self, now: Instant) -> Vec<String> {
+        let mut lines = Vec::new();
+        let cpu = self.pid().and_then(crate::probe::cpu_time);
+        if let (Some(then), Some(cpu)) = (self.cpu_at_growth, cpu) {
+            let used = cpu.saturating_sub(then);
+            lines.push(crate::probe::cpu_line(
+                used,
+                now.duration_since(self.grew_at),
+            ));
+        }
+        match crate::probe::monitor_dump(&self.dir, Duration::from_secs(10)) {
+            Ok(dump) => {
+                let _ = std::fs::write(self.dir.join("monitor-dump.txt"), &dump);
+                lines.push("QEMU's monitor at the silence:".into());
+                lines.extend(dump.lines().map(|l| format!("  {l}")));
+            }
+            Err(e) => lines.push(format!("QEMU's monitor could not be asked: {e}")),
+        }
+        for l in &lines {
+            eprintln!("[vsock-integration] {}: {l}", self.name);
+        }
+        lines
     }
 
     /// QEMU exited (`status`) or must go after `VRTEST-DONE` (`None`): the outcome.

@@ -169,6 +169,18 @@ fn a_silent_kvm_host_is_a_platform_fault() {
         lines.iter().any(|l| l.contains("printed nothing for 15 s")),
         "{lines:?}"
     );
+    // What QEMU did meanwhile: its CPU time over the silence, and the monitor's view of the
+    // virtual CPU (`info cpus`, `info registers -a`, `info lapic`).
+    assert!(
+        lines.iter().any(|l| l.starts_with("QEMU used ")),
+        "{lines:?}"
+    );
+    for want in ["CPU #0", "RIP=", "LVT0"] {
+        assert!(
+            lines.iter().any(|l| l.contains(want)),
+            "no {want} from the monitor: {lines:?}"
+        );
+    }
     assert!(console.contains("VRTEST before PASS"), "{console}");
     assert!(start.elapsed() < Duration::from_secs(250), "{err}");
 }
