@@ -85,6 +85,9 @@ counters!(
         incoming,
         /// TX packets processed.
         tx_packets,
+        /// TX packets whose payload went to the host in one write with the packet before it
+        /// (RW packets of one stream connection, one after the other in one TX batch).
+        tx_coalesced,
         /// RX packets delivered.
         rx_packets,
         /// Interrupts raised.

@@ -10,6 +10,7 @@
 //! epoll set).
 
 mod interest;
+mod tx_run;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::vq::{Chain, GuestMemory};
 use crate::wire::line::ok_line;
 use crate::wire::{op, sock_type, Header, HEADER_LEN};
 pub use interest::Watch;
+pub use tx_run::tx_run_len;
 
 /// Most host-initiated connections held back until an older connection with the same
 /// addresses is gone (see [`Muxer::handle_backend`]); more are refused.

@@ -10,12 +10,10 @@
 //! at once when work remains, and a timerfd fires at the earliest connection deadline, so an
 //! outer loop that only waits for the core's fd misses nothing.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
@@ -23,11 +21,12 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+pub use super::control::{Control, ControlMsg};
 use super::guest_warn::GuestWarnings;
 use super::lifecycle::{EventGate, SavedConn, VsockState, STATE_VERSION};
 use super::poller::{Poller, Ready, Token};
 use super::virtio::Interrupt;
-use crate::csm::muxer::{ConnInfo, Muxer};
+use crate::csm::muxer::{tx_run_len, ConnInfo, Muxer};
 use crate::seam::Backend;
 use crate::stats::Counters;
 use crate::vq::{parse_tx, Chain, Direction, GuestMemory, TxError};
@@ -42,48 +41,6 @@ pub const EVT: usize = 2;
 
 /// Most packets handled per queue per wake-up before other fds get their turn.
 pub const DEFAULT_BUDGET: usize = 256;
-
-/// A request to a running device.
-pub enum ControlMsg {
-    /// Stop and hand back the backend.
-    Stop,
-    /// Reply with a snapshot of the live connections.
-    Connections(Sender<Vec<ConnInfo>>),
-    /// Return from the wake-up with [`Flow::Pause`], touching nothing more.
-    Pause,
-}
-
-/// The way into a running device from other threads: a message queue and an fd that wakes it.
-pub struct Control {
-    msgs: Mutex<VecDeque<ControlMsg>>,
-    wake: EventFd,
-}
-
-impl Control {
-    /// A new control channel.
-    pub fn new() -> io::Result<Self> {
-        Ok(Control {
-            msgs: Mutex::new(VecDeque::new()),
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
-    }
-
-    /// Queues a message and wakes the device.
-    pub fn send(&self, msg: ControlMsg) -> io::Result<()> {
-        self.msgs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(msg);
-        self.wake.write(1)
-    }
-
-    fn take(&self) -> Option<ControlMsg> {
-        self.msgs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-    }
-}
 
 /// What a wake-up ended with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +91,8 @@ pub struct DeviceCore<B: Backend> {
     gate: EventGate,
     /// The RX buffers of one fill (capacity [`RX_BATCH`], allocated once).
     rx_chains: Vec<Chain>,
+    /// The well-formed packets of one TX batch (capacity [`TX_BATCH`], allocated once).
+    tx_packets: Vec<(Chain, Header)>,
 }
 
 impl<B: Backend> DeviceCore<B> {
@@ -186,6 +145,7 @@ impl<B: Backend> DeviceCore<B> {
             backend_ready: true,
             gate: EventGate::Open,
             rx_chains: Vec::with_capacity(RX_BATCH),
+            tx_packets: Vec::with_capacity(TX_BATCH),
         })
     }
 
@@ -414,35 +374,59 @@ impl<B: Backend> DeviceCore<B> {
         r.map_err(io::Error::from)
     }
 
-    /// Drains the TX queue within the budget. Returns `true` when work was left for later.
+    /// Drains the TX queue within the budget, up to [`TX_BATCH`] packets at a time: RW packets
+    /// of one stream connection that come one after the other go to the host in one write
+    /// ([`tx_run_len`]), and the batch's buffers go back to the driver after it. Returns `true`
+    /// when work was left for later.
     fn process_tx(&mut self, now: Instant) -> bool {
         let mem = &self.mem;
         let q = &mut self.queues[TX];
+        let packets = &mut self.tx_packets;
+        let mut heads = [0u16; TX_BATCH];
         let mut done = 0;
         loop {
             if q.event_idx_enabled() {
                 let _ = q.disable_notification(mem);
             }
             while done < self.budget {
-                let head = match q.iter(mem) {
-                    Ok(mut it) => match it.next() {
-                        Some(c) => c.head_index(),
-                        None => break,
-                    },
+                let want = (self.budget - done).min(TX_BATCH);
+                let popped = match q.iter(mem) {
+                    Ok(it) => it
+                        .take(want)
+                        .zip(heads.iter_mut())
+                        .map(|(c, h)| *h = c.head_index())
+                        .count(),
                     Err(_) => {
                         // The avail index ran ahead of the queue: the driver broke its ring.
                         Counters::inc(&self.counters.bad_avail_idx);
                         return false;
                     }
                 };
-                done += 1;
-                Counters::inc(&self.counters.tx_packets);
-                let table = GuestAddress(q.desc_table());
-                if let Some((chain, h)) = checked_tx(mem, table, q.size(), head, &self.counters) {
-                    self.muxer.handle_tx(&self.poller, mem, &chain, &h, now);
+                if popped == 0 {
+                    break;
                 }
-                // TX buffers are always returned, also after a parse error, with length 0.
-                let _ = q.add_used(mem, head, 0);
+                done += popped;
+                self.counters
+                    .tx_packets
+                    .fetch_add(popped as u64, Ordering::Relaxed);
+                let table = GuestAddress(q.desc_table());
+                packets.clear();
+                packets.extend(
+                    heads[..popped]
+                        .iter()
+                        .filter_map(|&h| checked_tx(mem, table, q.size(), h, &self.counters)),
+                );
+                let mut rest = &packets[..];
+                while !rest.is_empty() {
+                    let (run, after) = rest.split_at(tx_run_len(rest));
+                    self.muxer.handle_tx_run(&self.poller, mem, run, now);
+                    rest = after;
+                }
+                // TX buffers are always returned, also after a parse error, with length 0;
+                // only now, when no write reads them any more.
+                for &head in &heads[..popped] {
+                    let _ = q.add_used(mem, head, 0);
+                }
             }
             if done >= self.budget {
                 return true;
@@ -540,6 +524,11 @@ impl<B: Backend> DeviceCore<B> {
         }
     }
 }
+
+/// TX packets taken from the ring at a time: the longest run one host write may carry (the
+/// iovecs of a write cover at most [`crate::vq::MAX_IOVECS`] guest ranges; what is past them
+/// waits in the connection's buffer).
+pub const TX_BATCH: usize = 16;
 
 /// RX buffers one fill may use: 16 of the 4 KiB buffers Linux posts hold 64 KiB, the most one
 /// packet may carry, in one `readv`.

@@ -2,6 +2,7 @@
 //! core with the epoll set and one wake-up's work ([`core`], [`poller`]), and the two loops it
 //! runs in: its own thread ([`worker`]) or a VMM's event-manager loop ([`subscriber`]).
 
+mod control;
 pub mod core;
 pub mod guest_warn;
 pub mod lifecycle;

@@ -226,6 +226,17 @@ impl SimGuest {
         Ok(())
     }
 
+    /// Places one RW packet per `(port, chunk)` on the TX queue, in order, without letting
+    /// the device run in between (as Linux queues packets while the device is busy), then
+    /// waits up to `timeout` once for the device to take them. The chunks go regardless of
+    /// the credit: a burst past it is the guest's overrun.
+    pub fn send_burst(&mut self, packets: &[(u32, &[u8])], timeout: Duration) {
+        for &(port, chunk) in packets {
+            self.send_rw(port, chunk);
+        }
+        self.pump(timeout);
+    }
+
     /// Sends `data` (at most 64 KiB, within the credit) as one RW packet on the socket `port`.
     pub(super) fn send_rw(&mut self, port: u32, data: &[u8]) {
         self.send_rw_flags(port, data, 0);

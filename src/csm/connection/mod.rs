@@ -24,6 +24,7 @@ pub mod credit;
 pub mod pending;
 mod rx;
 mod seq;
+mod to_host;
 
 pub(crate) use self::rx::fill_first;
 
@@ -39,8 +40,8 @@ pub use super::types::{
     DEFAULT_REQUEST_TIMEOUT,
 };
 use crate::stream::{Readiness, VsockStream};
-use crate::vq::{Chain, GuestMemory, IoVecs};
-use crate::wire::{op, shutdown, Header, SockType, HEADER_LEN};
+use crate::vq::{Chain, GuestMemory};
+use crate::wire::{op, shutdown, Header, SockType};
 
 /// The shutdown flags of both sides, and what was done to the host stream.
 #[derive(Clone, Copy, Debug, Default)]
@@ -305,14 +306,7 @@ impl<S: VsockStream> Connection<S> {
             self.kill(KillReason::Protocol, Notify::Rst);
             return;
         }
-        self.outbound.update(h.buf_alloc, h.fwd_cnt);
-        if self.state == State::Established
-            && (self.handshake.prefix_left() > 0 || self.seq_staged())
-            && self.outbound.credit() > 0
-        {
-            // Handshake bytes wait in the device, not in the stream: no readiness will say so.
-            self.pending.insert(PendingRx::Rw);
-        }
+        self.peer_credit(h);
         match (self.state, h.op) {
             (State::LocalInit, op::RESPONSE) => {
                 self.state = State::Established;
@@ -341,54 +335,15 @@ impl<S: VsockStream> Connection<S> {
         }
     }
 
-    fn guest_data(&mut self, h: &Header, mem: &GuestMemory, chain: &Chain, now: Instant) {
-        if self.shut.guest & shutdown::SEND != 0 {
-            self.kill(KillReason::Protocol, Notify::Rst);
-            return;
-        }
-        let len = h.len;
-        if !self.inbound.fits(len) {
-            self.kill(KillReason::CreditOverrun, Notify::Rst);
-            return;
-        }
-        if len == 0 && self.seq.is_none() {
-            return;
-        }
-        self.inbound.received(len);
-        if self.shut.told & shutdown::RCV != 0 {
-            // The host peer stopped receiving and the guest was told so; bytes it sent before
-            // it knew are dropped, as the peer kernel would, and consume its credit.
-            self.dropped += u64::from(len);
-            return;
-        }
-        if self.seq.is_some() {
-            self.seq_guest_data(h, mem, chain, now);
-            return;
-        }
-        let mut written = 0usize;
-        if self.txbuf.is_empty() {
-            let mut iov = IoVecs::new();
-            chain.iovecs(mem, HEADER_LEN as u64, u64::from(len), &mut iov);
-            match self.stream.write_iov(&iov) {
-                Ok(n) => written = n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if stopped_receiving(&e) => {
-                    self.dropped += u64::from(len);
-                    self.host_stopped_receiving(now);
-                    return;
-                }
-                Err(_) => {
-                    self.kill(KillReason::HostError, Notify::Rst);
-                    return;
-                }
-            }
-        }
-        self.advance_fwd(written);
-        let rest = len as usize - written;
-        if rest > 0 {
-            let off = HEADER_LEN as u64 + written as u64;
-            let taken = self.txbuf.push_from_guest(mem, chain, off, rest);
-            debug_assert_eq!(taken, rest, "credit check guarantees room");
+    /// Takes the guest's credit fields from `h`.
+    fn peer_credit(&mut self, h: &Header) {
+        self.outbound.update(h.buf_alloc, h.fwd_cnt);
+        if self.state == State::Established
+            && (self.handshake.prefix_left() > 0 || self.seq_staged())
+            && self.outbound.credit() > 0
+        {
+            // Handshake bytes wait in the device, not in the stream: no readiness will say so.
+            self.pending.insert(PendingRx::Rw);
         }
     }
 
@@ -599,8 +554,8 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use vm_memory::{Bytes, GuestAddress};
 
-    use crate::vq::Direction;
-    use crate::wire::sock_type;
+    use crate::vq::{Direction, IoVecs};
+    use crate::wire::{sock_type, HEADER_LEN};
 
     const GUEST_CID: u64 = 3;
 

@@ -240,6 +240,11 @@ impl Collector for Scrape {
                 "Interrupts the device raised (one per batch at most).",
             ),
             (
+                "vsock_tx_coalesced_packets",
+                "tx_coalesced",
+                "TX packets whose payload went to the host in one write with the packet before it.",
+            ),
+            (
                 "vsock_credit_stalls",
                 "credit_stalls",
                 "Times host bytes waited for guest credit (the guest's receive buffer was full).",
