@@ -14,6 +14,9 @@
 //! - the API lists the guest's SEQPACKET connection with its type, and `/metrics` counts the
 //!   messages.
 //!
+//! Every message's content is hash-checked at the receiving end (`vr_msg_hashes` over
+//! `vr_pattern_file` content, which both ends make alike), besides its length.
+//!
 //! The guest's side is `images/inner-scenarios/seqpacket.sh`.
 //!
 //! Run alone: `cargo test -p vsock-integration --test seqpacket_e2e -- --nocapture`.
@@ -31,8 +34,11 @@ socat -v -u -b 262144 UNIX-LISTEN:/tmp/v.sock_7000,type=5 OPEN:/tmp/g2h,creat 2>
 socat -v -u -b 262144 UNIX-LISTEN:/tmp/v.sock_7002,type=5 OPEN:/tmp/big,creat 2>/tmp/big.log &
 socat -v -u -b 262144 UNIX-LISTEN:/tmp/up/77_6000,type=5 OPEN:/tmp/upl,creat 2>/tmp/upl.log &
 socat -u UNIX-LISTEN:/tmp/v.sock_7001 OPEN:/tmp/wrongtype,creat &
-head -c 4000 /dev/zero | tr '\0' c >/tmp/c1
-head -c 50000 /dev/zero | tr '\0' d >/tmp/c2
+# The two messages to the guest: 54000 bytes of vr_pattern_file's content, which the guest makes
+# too and checks message by message.
+vr_pattern_file /tmp/h2g-all 54000 >/dev/null
+head -c 4000 /tmp/h2g-all >/tmp/c1
+tail -c +4001 /tmp/h2g-all >/tmp/c2
 echo strict >/tmp/phase
 socat UNIX-LISTEN:/tmp/v.sock_999,fork SYSTEM:'cat /tmp/phase' &
 vsock-vmm --kernel $VR_INNER/vmlinux --initramfs $VR_INNER/initramfs.cpio --memory size=192M \
@@ -84,6 +90,16 @@ vr_expect_eq g2h-lengths "3000 3000 1000" "$(lens /tmp/g2h.log)"
 vr_expect_eq g2h-bytes 7000 "$(wc -c </tmp/g2h)"
 vr_expect_eq g2h-big-lengths 200000 "$(lens /tmp/big.log)"
 vr_expect_eq uplink-lengths 3000 "$(lens /tmp/upl.log)"
+# Every message's content, hashed at both ends: the guest's files are vr_pattern_file's too.
+vr_pattern_file /tmp/e7000 7000 >/dev/null
+vr_pattern_file /tmp/e200000 200000 >/dev/null
+vr_pattern_file /tmp/e3000 3000 >/dev/null
+vr_expect_eq g2h-message-hashes "$(vr_msg_hashes /tmp/e7000 '3000 3000 1000')" \
+	"$(vr_msg_hashes /tmp/g2h "$(lens /tmp/g2h.log)")"
+vr_expect_eq g2h-big-message-hash "$(vr_msg_hashes /tmp/e200000 200000)" \
+	"$(vr_msg_hashes /tmp/big "$(lens /tmp/big.log)")"
+vr_expect_eq uplink-message-hash "$(vr_msg_hashes /tmp/e3000 3000)" \
+	"$(vr_msg_hashes /tmp/upl "$(lens /tmp/upl.log)")"
 vr_check stream-service-got-nothing test ! -s /tmp/wrongtype
 "#;
 
@@ -94,6 +110,7 @@ const CHECKS: &[&str] = &[
     "inner/stream-port-refuses-seqpacket",
     "inner/h2g-lengths",
     "inner/h2g-bytes",
+    "inner/h2g-message-hashes",
     "inner/strict-refused",
     "inner/fallback-sent",
     "inner/done",
@@ -109,6 +126,9 @@ const CHECKS: &[&str] = &[
     "g2h-bytes",
     "g2h-big-lengths",
     "uplink-lengths",
+    "g2h-message-hashes",
+    "g2h-big-message-hash",
+    "uplink-message-hash",
     "stream-service-got-nothing",
 ];
 

@@ -64,6 +64,16 @@ vr_pattern_file() {
 	vr_sha256 "$1"
 }
 vr_sha256() { sha256sum "$1" | cut -d' ' -f1; }
+# vr_msg_hashes FILE "LEN LEN ...": FILE holds messages one after the other, of the lengths
+# LEN (as a SOCK_SEQPACKET receiver writes them); prints the sha256 of each message (its first
+# 16 hex digits), space-separated, in order. Compare it with the hashes of what was sent.
+vr_msg_hashes() {
+	_off=0
+	for _l in $2; do
+		tail -c +"$((_off + 1))" "$1" | head -c "$_l" | sha256sum | cut -c1-16
+		_off=$((_off + _l))
+	done | tr '\n' ' ' | sed 's/ $//'
+}
 
 # Milliseconds since boot (for VRTEST-INFO timings).
 vr_uptime_ms() { awk '{printf "%d\n", $1 * 1000}' /proc/uptime; }
