@@ -19,7 +19,9 @@ pub const CHUNK: usize = 256 * 1024;
 /// Which way the bytes go.
 #[derive(Clone, Debug)]
 pub enum Dir {
-    GuestToHost(TxLayout),
+    /// With the TX layout, the guest application writing this many bytes per `send` (a
+    /// [`CHUNK`] for bulk; 1 KiB for a writer of small pieces: one packet each).
+    GuestToHost(TxLayout, usize),
     /// Over a connection the guest opened, or (`true`) one a host program opened.
     HostToGuest(bool),
 }
@@ -35,7 +37,7 @@ fn counter(c: &vsock_router::stats::Counters) -> [u64; 3] {
 /// Moves `bytes` over one connection of a fresh device.
 pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, String> {
     let mut rig = Rig::new(kind, buf_alloc)?;
-    if let Dir::GuestToHost(layout) = dir {
+    if let Dir::GuestToHost(layout, _) = dir {
         rig.g.layout = layout.clone();
     }
     let (port, s) = match dir {
@@ -50,7 +52,7 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
     let start = Instant::now();
     let deadline = start + RUN_LIMIT;
     let wall = match dir {
-        Dir::GuestToHost(_) => {
+        Dir::GuestToHost(_, write) => {
             let mut rs = s;
             let reader = thread::spawn(move || -> Result<Instant, String> {
                 let mut buf = vec![0u8; CHUNK];
@@ -73,7 +75,7 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
             let data = Aligned::new(CHUNK, off);
             let mut sent = 0u64;
             while sent < bytes {
-                let n = (bytes - sent).min(CHUNK as u64) as usize;
+                let n = (bytes - sent).min(*write as u64) as usize;
                 let left = deadline.saturating_duration_since(Instant::now());
                 rig.g.send(port, &data.as_slice()[..n], left)?;
                 sent += n as u64;
@@ -129,7 +131,7 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
         return Err(format!("guest saw violations: {:?}", rig.g.violations));
     }
     let data_pkts = match dir {
-        Dir::GuestToHost(_) => after[0] - before[0],
+        Dir::GuestToHost(..) => after[0] - before[0],
         Dir::HostToGuest(_) => after[1] - before[1],
     };
     let sent = rig.g.kicks_sent - kicks.0;

@@ -178,6 +178,8 @@ pub fn run(kind: Kind, conns: usize, to_guest: bool, bytes: u64) -> Result<Sampl
     let rates: Vec<f64> = ends.iter().map(rate).collect();
     let slow = rates.iter().cloned().fold(f64::INFINITY, f64::min);
     let fast = rates.iter().cloned().fold(0.0, f64::max);
+    // Issue 14's fairness bar: no connection below half the mean of the connections' rates.
+    let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
     Ok(Sample {
         wall,
         amount: all as f64,
@@ -186,6 +188,8 @@ pub fn run(kind: Kind, conns: usize, to_guest: bool, bytes: u64) -> Result<Sampl
             ("slowest MB/s", slow),
             ("fastest MB/s", fast),
             ("fast/slow", fast / slow),
+            ("mean MB/s", mean),
+            ("slowest/mean", slow / mean),
         ],
     })
 }

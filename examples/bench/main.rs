@@ -240,9 +240,18 @@ fn workloads() -> Vec<(String, Work)> {
         let k = kind.name();
         for (ba, ba_name) in [(256 * 1024, "256k"), (64 * 1024, "64k")] {
             for (l, layout) in &layouts {
-                let dir = Dir::GuestToHost(layout.clone());
+                let dir = Dir::GuestToHost(layout.clone(), bulk::CHUNK);
                 w.push((
                     format!("bulk/{k}/g2h-{l}/{ba_name}"),
+                    Work::Bulk(kind, dir, ba),
+                ));
+            }
+            if ba_name == "256k" {
+                // An application writing 1 KiB at a time: one small packet per write, several
+                // queued while the device is busy (TX coalescing).
+                let dir = Dir::GuestToHost(TxLayout::HeaderThenData, 1024);
+                w.push((
+                    format!("bulk/{k}/g2h-1k-writes/{ba_name}"),
                     Work::Bulk(kind, dir, ba),
                 ));
             }
@@ -278,7 +287,7 @@ fn vhost_user_workloads() -> Vec<(String, Work, Work)> {
         ("hdr+data", TxLayout::HeaderThenData),
     ];
     for (l, layout) in &layouts {
-        let d = Dir::GuestToHost(layout.clone());
+        let d = Dir::GuestToHost(layout.clone(), bulk::CHUNK);
         w.push((
             format!("vu/bulk/g2h-{l}/64k"),
             Work::Bulk(ours, d.clone(), ba),
