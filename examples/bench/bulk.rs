@@ -26,11 +26,12 @@ pub enum Dir {
     HostToGuest(bool),
 }
 
-fn counter(c: &vsock_router::stats::Counters) -> [u64; 3] {
+fn counter(c: &vsock_router::stats::Counters) -> [u64; 4] {
     [
         c.tx_packets.load(Ordering::Relaxed),
         c.rx_packets.load(Ordering::Relaxed),
         c.interrupts.load(Ordering::Relaxed),
+        c.tx_coalesced.load(Ordering::Relaxed),
     ]
 }
 
@@ -157,6 +158,11 @@ pub fn run(kind: Kind, dir: &Dir, buf_alloc: u32, bytes: u64) -> Result<Sample, 
                     (after[2] - before[2]) as f64 / data_pkts.max(1) as f64,
                 ),
                 ("kick/pkt", sent as f64 / data_pkts.max(1) as f64),
+                // TX packets that shared a host write with the one before them.
+                (
+                    "coalesced %",
+                    100.0 * (after[3] - before[3]) as f64 / data_pkts.max(1) as f64,
+                ),
                 (
                     "kicks skipped %",
                     100.0 * skipped as f64 / (sent + skipped).max(1) as f64,
