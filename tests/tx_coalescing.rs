@@ -27,6 +27,15 @@ fn chunk(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
 }
 
+/// `n` chunks of `len` bytes, and the burst that sends them all on `port`.
+fn chunks(n: usize, len: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| chunk(i, len)).collect()
+}
+
+fn burst_on(port: u32, chunks: &[Vec<u8>]) -> Vec<(u32, &[u8])> {
+    chunks.iter().map(|c| (port, &c[..])).collect()
+}
+
 fn coalesced(dev: &VsockDevice<PairBackend>) -> u64 {
     dev.counters().tx_coalesced.load(Ordering::Relaxed)
 }
@@ -55,11 +64,10 @@ fn a_burst_of_small_packets_reaches_the_host_in_one_write() {
     let (mut g, dev, host) = guest(DeviceConfig::new(GUEST));
     let port = g.connect(2, 7000).expect("connected");
     let (_, mut s) = host.accept(T).expect("host end");
-    let chunks: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, 100 * (i + 1))).collect();
-    let burst: Vec<(u32, &[u8])> = chunks.iter().map(|c| (port, &c[..])).collect();
+    let c: Vec<Vec<u8>> = (0..12).map(|i| chunk(i, 100 * (i + 1))).collect();
     let before = coalesced(&dev);
-    g.send_burst(&burst, Duration::from_millis(200));
-    let want = chunks.concat();
+    g.send_burst(&burst_on(port, &c), Duration::from_millis(200));
+    let want = c.concat();
     assert_eq!(host_read(&mut g, &mut s, want.len()), want);
     assert_eq!(coalesced(&dev) - before, 11, "12 packets, one write");
     // The connection goes on as before.
@@ -73,10 +81,9 @@ fn a_short_write_leaves_the_rest_of_the_run_in_order() {
     host.set_socket_buffers(4096);
     let port = g.connect(2, 7001).expect("connected");
     let (_, mut s) = host.accept(T).expect("host end");
-    let chunks: Vec<Vec<u8>> = (0..10).map(|i| chunk(i, 1500)).collect();
-    let burst: Vec<(u32, &[u8])> = chunks.iter().map(|c| (port, &c[..])).collect();
-    g.send_burst(&burst, Duration::from_millis(200));
-    let want = chunks.concat();
+    let c = chunks(10, 1500);
+    g.send_burst(&burst_on(port, &c), Duration::from_millis(200));
+    let want = c.concat();
     assert_eq!(host_read(&mut g, &mut s, want.len()), want);
     assert_eq!(coalesced(&dev), 9);
 }
@@ -88,10 +95,9 @@ fn past_the_iovec_limit_the_rest_waits_in_order() {
     g.layout = TxLayout::Fragments(vec![100; 19]);
     let port = g.connect(2, 7002).expect("connected");
     let (_, mut s) = host.accept(T).expect("host end");
-    let chunks: Vec<Vec<u8>> = (0..10).map(|i| chunk(i, 2000)).collect();
-    let burst: Vec<(u32, &[u8])> = chunks.iter().map(|c| (port, &c[..])).collect();
-    g.send_burst(&burst, Duration::from_millis(200));
-    let want = chunks.concat();
+    let c = chunks(10, 2000);
+    g.send_burst(&burst_on(port, &c), Duration::from_millis(200));
+    let want = c.concat();
     assert_eq!(host_read(&mut g, &mut s, want.len()), want);
     assert_eq!(coalesced(&dev), 9);
 }

@@ -390,13 +390,9 @@ impl<B: Backend> DeviceCore<B> {
             }
             while done < self.budget {
                 let want = (self.budget - done).min(TX_BATCH);
-                let popped = match q.iter(mem) {
-                    Ok(it) => it
-                        .take(want)
-                        .zip(heads.iter_mut())
-                        .map(|(c, h)| *h = c.head_index())
-                        .count(),
-                    Err(_) => {
+                let popped = match pop_heads(q, mem, &mut heads[..want]) {
+                    Ok(n) => n,
+                    Err(()) => {
                         // The avail index ran ahead of the queue: the driver broke its ring.
                         Counters::inc(&self.counters.bad_avail_idx);
                         return false;
@@ -453,13 +449,9 @@ impl<B: Backend> DeviceCore<B> {
                 return true;
             }
             let want = (self.budget - done).min(RX_BATCH);
-            let popped = match q.iter(mem) {
-                Ok(it) => it
-                    .take(want)
-                    .zip(heads.iter_mut())
-                    .map(|(c, h)| *h = c.head_index())
-                    .count(),
-                Err(_) => {
+            let popped = match pop_heads(q, mem, &mut heads[..want]) {
+                Ok(n) => n,
+                Err(()) => {
                     Counters::inc(&self.counters.bad_avail_idx);
                     return false;
                 }
@@ -533,6 +525,17 @@ pub const TX_BATCH: usize = 16;
 /// RX buffers one fill may use: 16 of the 4 KiB buffers Linux posts hold 64 KiB, the most one
 /// packet may carry, in one `readv`.
 pub const RX_BATCH: usize = 16;
+
+/// Takes up to `heads.len()` chains from the available ring of `q`, their head indexes into
+/// `heads`; returns how many, or `Err` when the avail index ran ahead of the queue.
+fn pop_heads(q: &mut Queue, mem: &GuestMemory, heads: &mut [u16]) -> Result<usize, ()> {
+    let it = q.iter(mem).map_err(|_| ())?;
+    Ok(heads
+        .iter_mut()
+        .zip(it)
+        .map(|(h, c)| *h = c.head_index())
+        .count())
+}
 
 /// Returns the last `n` buffers taken from the available ring of `q` to it, unused.
 fn give_back(q: &mut Queue, n: usize) {

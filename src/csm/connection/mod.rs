@@ -291,8 +291,8 @@ impl<S: VsockStream> Connection<S> {
     }
 
     /// Handles a packet from the guest addressed to this connection. `chain` and `mem` give
-    /// access to its payload (chain offset [`HEADER_LEN`], `h.len` bytes, already checked to lie
-    /// inside the chain).
+    /// access to its payload (chain offset [`HEADER_LEN`](crate::wire::HEADER_LEN), `h.len`
+    /// bytes, already checked to lie inside the chain).
     pub fn on_packet(&mut self, h: &Header, mem: &GuestMemory, chain: &Chain, now: Instant) {
         if self.state == State::Killed {
             return;
