@@ -13,10 +13,10 @@ use std::time::Duration;
 use log::kv::{Key, Value, VisitSource};
 use vsock_router::device::guest_warn::WARN_INTERVAL;
 use vsock_router::device::virtio::VirtioDevice;
-use vsock_router::device::{DeviceConfig, RunMode};
+use vsock_router::device::DeviceConfig;
 use vsock_router::sim::{PairBackend, SimGuest};
 
-const GUEST: u64 = 3;
+use common::GUEST;
 const T: Duration = Duration::from_secs(10);
 
 /// One captured record: level, message and its key-value fields as text.
@@ -96,12 +96,7 @@ fn guest() -> (
     vsock_router::device::VsockDevice<PairBackend>,
     vsock_router::sim::PairHost,
 ) {
-    let mut cfg = DeviceConfig::new(GUEST);
-    cfg.run = RunMode::External;
-    let (backend, host) = PairBackend::new();
-    let (mut g, dev) = SimGuest::with_device(cfg, backend);
-    g.drive_with(dev.subscriber().expect("external mode"), true);
-    (g, dev, host)
+    common::driven_with(DeviceConfig::new(GUEST), true)
 }
 
 #[test]

@@ -7,19 +7,17 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vsock_router::device::{DeviceConfig, RunMode, VsockDevice};
+use vsock_router::device::{DeviceConfig, VsockDevice};
 use vsock_router::sim::{PairBackend, PairHost, SimGuest, SockState, TxLayout};
 
-const GUEST: u64 = 3;
+mod common;
+use common::GUEST;
+
 const T: Duration = Duration::from_secs(10);
 
+/// A device run in this thread, on a manual clock.
 fn guest(cfg: DeviceConfig) -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
-    let mut cfg = cfg;
-    cfg.run = RunMode::External;
-    let (backend, host) = PairBackend::new();
-    let (mut g, dev) = SimGuest::with_device(cfg, backend);
-    g.drive_with(dev.subscriber().expect("external mode"), true);
-    (g, dev, host)
+    common::driven_with(cfg, true)
 }
 
 /// Chunk `i` of a burst: `len` bytes that differ from every other chunk's.

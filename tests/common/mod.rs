@@ -18,6 +18,19 @@ pub fn setup_with(cfg: DeviceConfig) -> (SimGuest, VsockDevice<PairBackend>, Pai
     (g, dev, host)
 }
 
+/// [`setup_with`], the device without a thread of its own (`RunMode::External`): the
+/// simulated guest runs it wherever it waits ([`SimGuest::drive_with`]), on a manual clock
+/// when `manual_clock`.
+pub fn driven_with(
+    mut cfg: DeviceConfig,
+    manual_clock: bool,
+) -> (SimGuest, VsockDevice<PairBackend>, PairHost) {
+    cfg.run = vsock_router::device::RunMode::External;
+    let (mut g, dev, host) = setup_with(cfg);
+    g.drive_with(dev.subscriber().expect("external mode"), manual_clock);
+    (g, dev, host)
+}
+
 /// A STREAM REQUEST header from `src_cid:src_port` to host port 1 with a 4 KiB buffer, for
 /// tests to change what they need.
 pub fn request(src_cid: u64, src_port: u32) -> Header {
