@@ -40,32 +40,16 @@ impl<S: VsockStream> Connection<S> {
             }
             return 0;
         }
-        let mut iov = IoVecs::new();
-        for (chain, h) in packets {
+        for (_, h) in packets {
             self.peer_credit(h);
-            // Past the iovec limit the rest is not covered: it waits in txbuf like any
-            // unwritten byte.
-            chain.iovecs(mem, HEADER_LEN as u64, u64::from(h.len), &mut iov);
         }
         if total == 0 {
             return 0;
         }
         self.inbound.received(total as u32);
-        let Some(written) = self.write_guest_bytes(&iov, total, now) else {
+        let payloads = packets.iter().map(|(chain, h)| (chain, h.len));
+        if !self.forward(mem, payloads, total, now) {
             return 0;
-        };
-        self.advance_fwd(written);
-        let mut skip = written;
-        for (chain, h) in packets {
-            let len = h.len as usize;
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let off = HEADER_LEN as u64 + skip as u64;
-            let taken = self.txbuf.push_from_guest(mem, chain, off, len - skip);
-            debug_assert_eq!(taken, len - skip, "credit check guarantees room");
-            skip = 0;
         }
         packets.len() - 1
     }
@@ -101,40 +85,54 @@ impl<S: VsockStream> Connection<S> {
             self.seq_guest_data(h, mem, chain, now);
             return;
         }
+        self.forward(mem, std::iter::once((chain, len)), u64::from(len), now);
+    }
+
+    /// Forwards guest payloads, `total` bytes in all, each `(chain, len)` the `len` bytes after
+    /// the chain's header, in order: in one `writev` when nothing waits before them, and what
+    /// the stream does not take (or what lies past the iovecs one write carries) into `txbuf`.
+    /// Returns `false` when the connection took none of it: its host peer stopped receiving
+    /// (the bytes are dropped, as the peer kernel would) or its stream failed (reset).
+    fn forward<'c>(
+        &mut self,
+        mem: &GuestMemory,
+        payloads: impl Iterator<Item = (&'c Chain, u32)> + Clone,
+        total: u64,
+        now: Instant,
+    ) -> bool {
         let mut written = 0usize;
         if self.txbuf.is_empty() {
             let mut iov = IoVecs::new();
-            chain.iovecs(mem, HEADER_LEN as u64, u64::from(len), &mut iov);
-            match self.write_guest_bytes(&iov, u64::from(len), now) {
-                Some(n) => written = n,
-                None => return,
+            for (chain, len) in payloads.clone() {
+                chain.iovecs(mem, HEADER_LEN as u64, u64::from(len), &mut iov);
+            }
+            match self.stream.write_iov(&iov) {
+                Ok(n) => written = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if stopped_receiving(&e) => {
+                    self.dropped += total;
+                    self.host_stopped_receiving(now);
+                    return false;
+                }
+                Err(_) => {
+                    self.kill(KillReason::HostError, Notify::Rst);
+                    return false;
+                }
             }
         }
         self.advance_fwd(written);
-        let rest = len as usize - written;
-        if rest > 0 {
-            let off = HEADER_LEN as u64 + written as u64;
-            let taken = self.txbuf.push_from_guest(mem, chain, off, rest);
-            debug_assert_eq!(taken, rest, "credit check guarantees room");
-        }
-    }
-
-    /// Writes guest payload (`len` bytes in all, `iov` as much of it as it covers) to the host
-    /// stream: the bytes taken, or `None` when the connection can take no more (the host peer
-    /// stopped receiving, or its stream failed).
-    fn write_guest_bytes(&mut self, iov: &IoVecs<'_>, len: u64, now: Instant) -> Option<usize> {
-        match self.stream.write_iov(iov) {
-            Ok(n) => Some(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(0),
-            Err(e) if stopped_receiving(&e) => {
-                self.dropped += len;
-                self.host_stopped_receiving(now);
-                None
+        let mut skip = written;
+        for (chain, len) in payloads {
+            let len = len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
             }
-            Err(_) => {
-                self.kill(KillReason::HostError, Notify::Rst);
-                None
-            }
+            let off = HEADER_LEN as u64 + skip as u64;
+            let taken = self.txbuf.push_from_guest(mem, chain, off, len - skip);
+            debug_assert_eq!(taken, len - skip, "credit check guarantees room");
+            skip = 0;
         }
+        true
     }
 }
